@@ -1,0 +1,213 @@
+"""The master's handoff state machine: which worker gets which accepted socket.
+
+Three collections, after Node's round_robin_handle.js: all workers, the pending
+sockets waiting for a worker, and per worker the sockets handed to it but not
+yet acknowledged.  Four verbs: ``add``, ``remove``, ``distribute``, ``handoff``;
+plus ``ack`` and ``reject`` for what the worker says back.
+
+Whoever holds a socket closes it: the dispatcher owns a pending socket until a
+worker acknowledges it, then closes the master's copy.  A socket whose worker
+died or rejected it goes back to the front of the queue, so no accepted
+connection is lost to a worker's death.
+
+Pure: the channel and the connection are duck-typed objects, so the tests drive
+this module with fakes.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from typing import Deque, Dict, Iterable, List, Optional, Protocol
+
+ROUND_ROBIN = "round-robin"
+LEAST_CONNECTIONS = "least-connections"
+SHARED_ACCEPT = "shared-accept"
+STRATEGIES = (ROUND_ROBIN, LEAST_CONNECTIONS, SHARED_ACCEPT)
+
+# A full channel means the worker is slow to drain it, not dead: try later.
+_RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
+
+
+class Connection(Protocol):
+    """An accepted client socket, as the dispatcher sees it."""
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Channel(Protocol):
+    """The master's end of one worker's socketpair."""
+
+    def send_handoff(self, conn_id: int, fd: int) -> None: ...
+
+
+class WorkerSlot:
+    """The master's view of one live worker."""
+
+    __slots__ = ("index", "pid", "channel", "unacked", "active", "handed", "acked", "rejected")
+
+    def __init__(self, index: int, pid: int, channel: Channel) -> None:
+        self.index = index
+        self.pid = pid
+        self.channel = channel
+        self.unacked: Dict[int, Connection] = {}
+        self.active = 0  # connections acknowledged and not yet reported closed
+        self.handed = 0
+        self.acked = 0
+        self.rejected = 0
+
+    @property
+    def load(self) -> int:
+        return self.active + len(self.unacked)
+
+    def __repr__(self) -> str:
+        return f"<worker {self.index} pid={self.pid} unacked={len(self.unacked)} active={self.active}>"
+
+
+class Dispatcher:
+    """Hands accepted sockets to workers by strategy, keeping each until acknowledged."""
+
+    def __init__(self, strategy: str = ROUND_ROBIN, window: int = 4, max_pending: int = 1024) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        self.strategy = strategy
+        self.window = window
+        self.max_pending = max_pending
+        self.workers: Dict[int, WorkerSlot] = {}  # index -> slot: all live workers
+        self.pending: Deque[tuple] = deque()  # (conn_id, connection) waiting for a worker
+        self._cursor = 0  # round-robin position, as a worker index
+        self._next_id = 0
+        self.accepted = 0
+        self.redistributed = 0
+
+    # -- the four verbs ---------------------------------------------------------
+
+    def add(self, worker: WorkerSlot) -> None:
+        """A worker is up and may be handed connections."""
+        self.workers[worker.index] = worker
+        self.distribute()
+
+    def remove(self, index: int) -> List[int]:
+        """A worker is gone: its unacknowledged sockets go back to the front of the queue.
+
+        Returns the ids of the requeued connections (for logging).
+        """
+        worker = self.workers.pop(index, None)
+        if worker is None:
+            return []  # already removed: the channel EOF and SIGCHLD both report a death
+        orphans = list(worker.unacked.items())
+        worker.unacked.clear()
+        # Front of the queue, in their original order: they were accepted first.
+        for item in reversed(orphans):
+            self.pending.appendleft(item)
+        self.redistributed += len(orphans)
+        self.distribute()
+        return [conn_id for conn_id, _ in orphans]
+
+    def distribute(self, conn: Optional[Connection] = None) -> None:
+        """Queue ``conn`` (if given) and hand out as many queued sockets as workers can take."""
+        if conn is not None:
+            self._next_id += 1
+            self.accepted += 1
+            self.pending.append((self._next_id, conn))
+        while self.pending:
+            worker = self._pick()
+            if worker is None:
+                return  # every worker's window is full (or none is alive): wait for acks
+            conn_id, pending = self.pending.popleft()
+            if not self.handoff(worker, conn_id, pending):
+                return  # the channel is full: try again after the next ack
+
+    def handoff(self, worker: WorkerSlot, conn_id: int, conn: Connection) -> bool:
+        """Send one socket to ``worker``; keep the master's copy until it is acknowledged.
+
+        Returns False when the socket could not be sent and was requeued.
+        """
+        try:
+            worker.channel.send_handoff(conn_id, conn.fileno())
+        except OSError as exc:
+            self.pending.appendleft((conn_id, conn))
+            if exc.errno not in _RETRY_LATER:
+                # EPIPE/ECONNRESET: the worker is dying; SIGCHLD will confirm it.
+                self.remove(worker.index)
+            return False
+        worker.unacked[conn_id] = conn
+        worker.handed += 1
+        return True
+
+    # -- what workers say back --------------------------------------------------
+
+    def ack(self, index: int, conn_ids: Iterable[int]) -> None:
+        """The worker holds these sockets now: close the master's copies."""
+        worker = self.workers.get(index)
+        if worker is None:
+            return  # a late message from a worker already removed
+        for conn_id in conn_ids:
+            conn = worker.unacked.pop(conn_id, None)
+            if conn is None:
+                continue  # unknown id: never ours to close
+            conn.close()
+            worker.acked += 1
+            worker.active += 1
+        self.distribute()
+
+    def reject(self, index: int, conn_ids: Iterable[int]) -> None:
+        """The worker could not take these sockets (a truncated control message): hand them again."""
+        worker = self.workers.get(index)
+        if worker is None:
+            return  # its unacked sockets were requeued when it was removed
+        for conn_id in conn_ids:
+            conn = worker.unacked.pop(conn_id, None)
+            if conn is not None:
+                worker.rejected += 1
+                self.pending.appendleft((conn_id, conn))
+        self.distribute()
+
+    def closed(self, index: int, count: int) -> None:
+        """The worker closed ``count`` client connections."""
+        worker = self.workers.get(index)
+        if worker is not None:
+            worker.active = max(0, worker.active - count)
+            if self.strategy == LEAST_CONNECTIONS:
+                self.distribute()
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        """True when the master should stop accepting and leave clients in the kernel backlog."""
+        return len(self.pending) >= self.max_pending
+
+    @property
+    def held(self) -> int:
+        """Client sockets the master holds: pending plus handed and unacknowledged."""
+        return len(self.pending) + sum(len(w.unacked) for w in self.workers.values())
+
+    def close_all(self) -> None:
+        """Close every socket the master still holds (fast shutdown)."""
+        while self.pending:
+            self.pending.popleft()[1].close()
+        for worker in self.workers.values():
+            for conn in worker.unacked.values():
+                conn.close()
+            worker.unacked.clear()
+
+    def _pick(self) -> Optional[WorkerSlot]:
+        """The worker to hand the next socket to, or None if none can take one."""
+        if not self.workers:
+            return None
+        order = sorted(self.workers)
+        # Start just after the last worker served, so ties rotate.
+        start = next((i for i, index in enumerate(order) if index >= self._cursor), 0)
+        rotation = order[start:] + order[:start]
+        candidates = [self.workers[i] for i in rotation if len(self.workers[i].unacked) < self.window]
+        if not candidates:
+            return None
+        if self.strategy == LEAST_CONNECTIONS:
+            chosen = min(candidates, key=lambda w: w.load)  # min keeps the first of equals
+        else:
+            chosen = candidates[0]
+        self._cursor = chosen.index + 1
+        return chosen
