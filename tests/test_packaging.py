@@ -1,0 +1,57 @@
+"""The built wheel carries the plugin and the server, and the server runs from it alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (path,) = out.glob("pytest_fdcluster-*.whl")
+    return path
+
+
+def test_wheel_contains_plugin_server_and_entry_points(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pytest_fdcluster/plugin.py" in names
+    assert "fdcluster_server/master.py" in names
+    assert not any(n.startswith(("server/", "tests/", "scenarios/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "fdcluster = pytest_fdcluster.plugin" in text
+    assert "fdcluster-server = fdcluster_server.__main__:main" in text
+
+
+def test_server_starts_from_the_installed_wheel_outside_the_checkout(wheel, tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    proc = subprocess.Popen([sys.executable, "-s", "-m", "fdcluster_server", "--workers", "1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("fdcluster-ready "), proc.stderr.read() if proc.poll() is not None else line
+        info = json.loads(line.split(" ", 1)[1])
+        probe = ("import sys, fdcluster_server; assert fdcluster_server.__file__.startswith(sys.argv[1]), fdcluster_server.__file__")
+        subprocess.run([sys.executable, "-s", "-c", probe, str(site)], cwd=tmp_path, env=env, check=True, timeout=30)
+        assert info["pid"] == proc.pid
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()

@@ -1,0 +1,167 @@
+"""The handoff state machine, driven with fake channels and sockets."""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+
+import pytest
+
+from fdcluster_server.dispatch import LEAST_CONNECTIONS, ROUND_ROBIN, Dispatcher, WorkerSlot
+
+
+class FakeConn:
+    def __init__(self, n):
+        self.n = n
+        self.closed = False
+
+    def fileno(self):
+        return 100 + self.n
+
+    def close(self):
+        assert not self.closed, f"conn {self.n} closed twice"
+        self.closed = True
+
+
+class FakeChannel:
+    def __init__(self, fail=None):
+        self.sent = []
+        self.fail = fail
+
+    def send_handoff(self, conn_id, fd):
+        if self.fail:
+            raise OSError(self.fail, "fake")
+        self.sent.append((conn_id, fd))
+
+
+def cluster(n, strategy=ROUND_ROBIN, window=4, max_pending=16):
+    d = Dispatcher(strategy, window=window, max_pending=max_pending)
+    for i in range(n):
+        d.add(WorkerSlot(i, 1000 + i, FakeChannel()))
+    return d
+
+
+def ack_all(d):
+    for w in d.workers.values():
+        d.ack(w.index, list(w.unacked))
+
+
+class TestRoundRobin:
+    def test_sequential_connections_cycle_exactly(self):
+        d = cluster(3)
+        for n in range(9):
+            d.distribute(FakeConn(n))
+            ack_all(d)
+        assert [w.handed for w in d.workers.values()] == [3, 3, 3]
+
+    def test_ack_closes_the_masters_copy_once(self):
+        d = cluster(1)
+        conn = FakeConn(0)
+        d.distribute(conn)
+        assert not conn.closed and d.held == 1
+        ack_all(d)
+        assert conn.closed and d.held == 0
+
+    def test_full_window_skips_the_worker(self):
+        d = cluster(2, window=1)
+        d.distribute(FakeConn(0))  # worker 0, never acknowledged (frozen)
+        for n in range(1, 4):
+            d.distribute(FakeConn(n))
+            d.ack(1, list(d.workers[1].unacked))
+        assert d.workers[0].handed == 1 and d.workers[1].handed == 3
+
+    def test_no_free_worker_queues_until_an_ack(self):
+        d = cluster(1, window=1)
+        d.distribute(FakeConn(0))
+        d.distribute(FakeConn(1))
+        assert len(d.pending) == 1
+        ack_all(d)
+        assert len(d.pending) == 0 and d.workers[0].handed == 2
+
+
+class TestWorkerDeath:
+    def test_unacknowledged_sockets_go_to_a_live_worker(self):
+        d = cluster(2, window=8)
+        conns = [FakeConn(n) for n in range(4)]
+        for c in conns:
+            d.distribute(c)
+        dead_ids = list(d.workers[0].unacked)
+        assert d.remove(0) == dead_ids
+        assert set(d.workers[1].unacked) == {1, 2, 3, 4}
+        assert not any(c.closed for c in conns)
+        assert d.redistributed == 2
+
+    def test_remove_twice_is_harmless(self):
+        d = cluster(2)
+        d.remove(0)
+        assert d.remove(0) == []
+
+    def test_epipe_on_send_removes_worker_and_requeues(self):
+        d = Dispatcher(ROUND_ROBIN)
+        d.add(WorkerSlot(0, 1, FakeChannel(fail=errno.EPIPE)))
+        d.add(WorkerSlot(1, 2, FakeChannel()))
+        conn = FakeConn(0)
+        d.distribute(conn)
+        assert 0 not in d.workers
+        assert list(d.workers[1].unacked) == [1]
+
+    def test_full_channel_keeps_worker_and_socket(self):
+        d = Dispatcher(ROUND_ROBIN)
+        d.add(WorkerSlot(0, 1, FakeChannel(fail=errno.EAGAIN)))
+        d.distribute(FakeConn(0))
+        assert 0 in d.workers and len(d.pending) == 1
+
+    def test_rejected_socket_is_handed_again(self):
+        d = cluster(2)
+        d.distribute(FakeConn(0))
+        d.reject(0, [1])
+        assert d.workers[0].rejected == 1
+        assert 1 in d.workers[1].unacked
+
+    def test_late_ack_from_removed_worker_is_ignored(self):
+        d = cluster(2)
+        conn = FakeConn(0)
+        d.distribute(conn)
+        d.remove(0)
+        d.ack(0, [1])
+        assert not conn.closed
+
+
+class TestLeastConnections:
+    def test_goes_to_fewest_open_connections(self):
+        d = cluster(3, LEAST_CONNECTIONS)
+        for n in range(3):
+            d.distribute(FakeConn(n))
+        ack_all(d)
+        d.closed(1, 1)  # worker 1 is now the least loaded
+        d.distribute(FakeConn(9))
+        assert list(d.workers[1].unacked) == [4]
+
+    def test_ties_rotate(self):
+        d = cluster(3, LEAST_CONNECTIONS)
+        for n in range(6):
+            d.distribute(FakeConn(n))
+            ack_all(d)
+            for w in d.workers.values():
+                d.closed(w.index, w.active)
+        assert Counter(w.handed for w in d.workers.values()) == Counter({2: 3})
+
+
+class TestBounds:
+    def test_full_when_pending_reaches_limit(self):
+        d = Dispatcher(ROUND_ROBIN, max_pending=3)
+        for n in range(3):
+            d.distribute(FakeConn(n))
+        assert d.full
+
+    def test_close_all_closes_everything_held(self):
+        d = cluster(1, window=1)
+        conns = [FakeConn(n) for n in range(3)]
+        for c in conns:
+            d.distribute(c)
+        d.close_all()
+        assert all(c.closed for c in conns) and d.held == 0
+
+    def test_unknown_strategy_is_refused(self):
+        with pytest.raises(ValueError, match="unknown strategy 'random'"):
+            Dispatcher("random")
