@@ -7,9 +7,10 @@ no cooperation and may be written in any language.  Snapshots subtract into a
 ``SnapshotDiff`` that says which descriptors appeared and vanished.
 
 On Linux descriptors come from /proc/PID/fd, /proc/PID/fdinfo and the socket
-tables of the target's network namespace (/proc/PID/net/*), parsed once per
-snapshot.  Elsewhere psutil's ``open_files`` and ``net_connections`` stand in,
-and ``inheritable`` is None because no other platform exposes it.
+tables of the target's network namespace (/proc/PID/net/*), read once per
+snapshot and only as far as needed.  Elsewhere psutil's ``open_files`` and
+``net_connections`` stand in, and ``inheritable`` is None because no other
+platform exposes it.
 
 Processes and descriptors that disappear while being read are skipped: a
 snapshot of a churning tree never raises.  No pytest import.
@@ -24,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import psutil
 
@@ -423,53 +424,86 @@ def _decode_inet(field: str, family: int) -> Optional[Tuple[str, int]]:
     return (socket.inet_ntop(family, raw), port)
 
 
-def _parse_inet_table(path: str, kind: str, family: int, table: Dict[str, _SockEntry]) -> None:
+def _parse_inet_row(cols: List[str], kind: str, family: int) -> _SockEntry:
+    status = _TCP_STATES.get(cols[3]) if kind in TCP_KINDS else None
+    return (kind, _decode_inet(cols[1], family), _decode_inet(cols[2], family), status)
+
+
+def _parse_unix_row(cols: List[str]) -> _SockEntry:
+    return ("unix", cols[7].strip() if len(cols) > 7 else None, None, None)
+
+
+# Cheapest and most common in a prefork tree first: reading /proc/net/tcp
+# walks the kernel's whole hash table, a millisecond or more on a busy host.
+_SOCKET_TABLES = (
+    ("unix", "unix", socket.AF_UNIX, 6),
+    ("tcp", "tcp", socket.AF_INET, 9),
+    ("tcp6", "tcp6", socket.AF_INET6, 9),
+    ("udp", "udp", socket.AF_INET, 9),
+    ("udp6", "udp", socket.AF_INET6, 9),
+)
+
+
+def _read_socket_tables(pids: List[int], wanted: Set[str]) -> Dict[str, _SockEntry]:
+    """Entries for the ``wanted`` inodes from the socket tables of the netns of ``pids``.
+
+    Stops reading tables once every inode is found.  Any of ``pids`` will do,
+    as they share a namespace; the next is tried if one has exited.
+    """
+    found: Dict[str, _SockEntry] = {}
+    for name, kind, family, inode_col in _SOCKET_TABLES:
+        if not wanted:
+            break
+        lines: List[str] = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/net/{name}") as f:
+                    lines = f.readlines()[1:]
+                break
+            except OSError:
+                lines = []  # process gone, or protocol absent (no IPv6)
+        for line in lines:
+            cols = line.split(None, 7) if kind == "unix" else line.split()
+            if len(cols) <= inode_col or cols[inode_col] not in wanted:
+                continue
+            inode = cols[inode_col]
+            found[inode] = _parse_unix_row(cols) if kind == "unix" else _parse_inet_row(cols, kind, family)
+            wanted.discard(inode)
+    return found
+
+
+def _netns(pid: int) -> str:
     try:
-        with open(path) as f:
-            lines = f.readlines()[1:]
+        return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
-        return  # protocol not configured (no IPv6) or namespace gone
-    for line in lines:
-        cols = line.split()
-        if len(cols) < 10:
-            continue
-        status = _TCP_STATES.get(cols[3]) if kind != "udp" else None
-        table[cols[9]] = (kind, _decode_inet(cols[1], family), _decode_inet(cols[2], family), status)
+        return f"pid {pid}"
 
 
-def _parse_unix_table(path: str, table: Dict[str, _SockEntry]) -> None:
-    try:
-        with open(path) as f:
-            lines = f.readlines()[1:]
-    except OSError:
-        return
-    for line in lines:
-        cols = line.split(None, 7)
-        if len(cols) >= 7:
-            table[cols[6]] = ("unix", cols[7].strip() if len(cols) > 7 else None, None, None)
+def _resolve_sockets(fds_by_pid: Dict[int, List[FdInfo]]) -> Dict[int, List[FdInfo]]:
+    """Fill in kind, addresses and TCP state of every socket, reading each netns's tables once."""
+    pids_by_netns: Dict[str, List[int]] = {}
+    wanted_by_netns: Dict[str, Set[str]] = {}
+    for pid, fds in fds_by_pid.items():
+        inodes = {_inode(info.target) for info in fds if info.kind == "socket"}
+        if inodes:
+            netns = _netns(pid)
+            pids_by_netns.setdefault(netns, []).append(pid)
+            wanted_by_netns.setdefault(netns, set()).update(inodes)
+    # Socket inodes are unique across namespaces, so one map serves them all.
+    entries: Dict[str, _SockEntry] = {}
+    for netns, wanted in wanted_by_netns.items():
+        entries.update(_read_socket_tables(pids_by_netns[netns], wanted))
+    resolved = {}
+    for pid, fds in fds_by_pid.items():
+        resolved[pid] = [_with_socket(info, entries.get(_inode(info.target))) for info in fds]
+    return resolved
 
 
-class _SocketTables:
-    """Socket inodes of the tree, parsed once per network namespace per snapshot."""
-
-    def __init__(self) -> None:
-        self._by_netns: Dict[str, Dict[str, _SockEntry]] = {}
-
-    def lookup(self, pid: int, inode: str) -> Optional[_SockEntry]:
-        try:
-            netns = os.readlink(f"/proc/{pid}/ns/net")
-        except OSError:
-            netns = f"pid {pid}"
-        table = self._by_netns.get(netns)
-        if table is None:
-            table = self._by_netns[netns] = {}
-            net = f"/proc/{pid}/net"
-            _parse_inet_table(f"{net}/tcp", "tcp", socket.AF_INET, table)
-            _parse_inet_table(f"{net}/tcp6", "tcp6", socket.AF_INET6, table)
-            _parse_inet_table(f"{net}/udp", "udp", socket.AF_INET, table)
-            _parse_inet_table(f"{net}/udp6", "udp", socket.AF_INET6, table)
-            _parse_unix_table(f"{net}/unix", table)
-        return table.get(inode)
+def _with_socket(info: FdInfo, entry: Optional[_SockEntry]) -> FdInfo:
+    if info.kind != "socket" or entry is None:
+        return info  # not a socket, or one of a family we do not parse (netlink, raw)
+    kind, laddr, raddr, status = entry
+    return FdInfo(info.fd, kind, info.target, info.inheritable, laddr, raddr, status)
 
 
 def _read_flags(pid: int, fd: int) -> Optional[int]:
@@ -496,17 +530,6 @@ def _fds_from_procfs(pid: int) -> List[FdInfo]:
         inheritable = None if flags is None else not flags & O_CLOEXEC
         fds.append(FdInfo(fd, _kind_of(target), target, inheritable))
     return fds
-
-
-def _resolve_sockets(pid: int, fds: List[FdInfo], tables: _SocketTables) -> List[FdInfo]:
-    resolved = []
-    for info in fds:
-        entry = tables.lookup(pid, _inode(info.target)) if info.kind == "socket" else None
-        if entry is not None:
-            kind, laddr, raddr, status = entry
-            info = FdInfo(info.fd, kind, info.target, info.inheritable, laddr, raddr, status)
-        resolved.append(info)
-    return resolved
 
 
 def _psutil_address(addr: object) -> Optional[Address]:
@@ -566,7 +589,8 @@ def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Sna
     that is gone yields an empty snapshot.
     """
     taken_at = time.monotonic()
-    found = []  # (pid, ppid, create_time, cmdline, fds, visible)
+    found: Dict[int, Tuple[int, float, str, bool]] = {}  # pid -> ppid, create_time, cmdline, visible
+    fds_by_pid: Dict[int, List[FdInfo]] = {}
     for proc in _tree(master_pid):
         try:
             with proc.oneshot():
@@ -580,20 +604,24 @@ def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Sna
                 fds, visible = [], False
         except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
             continue  # exited while being read
-        found.append((proc.pid, ppid, create_time, cmdline, fds, visible))
+        except psutil.AccessDenied:
+            continue  # not even its status is ours to read (another user's, off Linux)
+        found[proc.pid] = (ppid, create_time, cmdline, visible)
+        fds_by_pid[proc.pid] = fds
+    if _USE_PROCFS:
+        # After every fd was listed, so the tables are at least as new as any socket seen.
+        fds_by_pid = _resolve_sockets(fds_by_pid)
 
-    # Sockets are resolved after every fd was listed, so the tables are at
-    # least as new as any socket seen.
-    tables = _SocketTables()
-    master_rows = [row for row in found if row[0] == master_pid]
-    worker_rows = sorted((row for row in found if row[0] != master_pid), key=lambda r: (r[2], r[0]))
     processes: Dict[int, ProcessView] = {}
-    for index, (pid, ppid, create_time, cmdline, fds, visible) in enumerate(master_rows + worker_rows):
-        label = MASTER if pid == master_pid else worker_label(index - len(master_rows))
+    workers = 0
+    for pid in sorted(found, key=lambda pid: (pid != master_pid, found[pid][1], pid)):
+        ppid, create_time, cmdline, visible = found[pid]
+        if pid == master_pid:
+            label = MASTER
+        else:
+            label, workers = worker_label(workers), workers + 1
         if labels and pid in labels:
             label = labels[pid]
-        if _USE_PROCFS:
-            fds = _resolve_sockets(pid, fds, tables)
-        fd_map = {info.fd: info for info in sorted(fds, key=lambda i: i.fd)}
+        fd_map = {info.fd: info for info in sorted(fds_by_pid[pid], key=lambda i: i.fd)}
         processes[pid] = ProcessView(pid, ppid, label, cmdline, fd_map, create_time, visible)
     return Snapshot(master_pid, processes, taken_at)

@@ -61,6 +61,9 @@ POLL_INTERVAL = 0.005
 #: Upper bound on one readiness ping, so a half-started server cannot eat the deadline.
 PING_TIMEOUT = 1.0
 
+#: The ping made only to word a timeout message, when the workers never all came up.
+FINAL_PING_TIMEOUT = 0.25
+
 #: After SIGKILL, how long to wait for the session to vanish and the port to close.
 SETTLE_TIMEOUT = 5.0
 
@@ -108,9 +111,12 @@ class TargetStartupError(RuntimeError):
         stdout_tail: Sequence[str] = (),
         stderr_tail: Sequence[str] = (),
         port_in_use: bool = False,
+        master_pid: Optional[int] = None,
     ) -> None:
         super().__init__(message)
         self.argv = list(argv)
+        #: The pid the master had (long dead by now), None if it never ran.
+        self.master_pid = master_pid
         self.returncode = returncode
         self.stdout_tail = list(stdout_tail)
         self.stderr_tail = list(stderr_tail)
@@ -639,13 +645,15 @@ class RunningTarget:
         else:
             if accepting is None:
                 accepting = not _port_refuses(*address)
-            parts.append("port accepting" if accepting else f"port {address[1]} not accepting")
-            if ping_ok:
-                parts.append("ping answered")
-            elif ping_outcome == "ping not tried":
-                parts.append("ping not tried (waiting for workers)")
-            elif ping_outcome != "not accepting":
-                parts.append(ping_outcome)
+                if accepting and self.process.poll() is None:
+                    # One last short ping, so the message tells whether the server answers at all.
+                    accepting, ping_outcome = self._ping(address, FINAL_PING_TIMEOUT, nonce)
+                    ping_ok = ping_outcome == "ok"
+            if not accepting:
+                parts.append(f"port {address[1]} not accepting")
+            else:
+                parts.append("port accepting")
+                parts.append("ping answered" if ping_ok else ping_outcome)
         parts.append(f"{workers_seen} of {spec.workers} workers present")
         self._fail(f"did not become ready within {spec.startup_timeout} s: {', '.join(parts)}", None)
 
@@ -684,13 +692,21 @@ class RunningTarget:
             stdout_tail=stdout,
             stderr_tail=stderr,
             port_in_use=port_in_use,
+            master_pid=self.master_pid,
         )
 
     # -- teardown ------------------------------------------------------------------
 
     def _kill_session(self, extra: Sequence[psutil.Process]) -> List[int]:
-        """SIGKILL the process group, every process of the session, and ``extra``; return pids hit."""
-        hit: List[int] = []
+        """SIGKILL the process group, every process of the session, and ``extra``.
+
+        Returns the pids that were alive just before, so the caller can tell
+        which processes outlived the master.
+        """
+        # Listed before killing: after the killpg most of them are already gone.
+        alive = set(_session_pids(self.sid))
+        live_extra = [proc for proc in extra if _is_live(proc)]
+        alive.update(proc.pid for proc in live_extra)
         try:
             os.killpg(self.sid, signal.SIGKILL)
         except OSError:
@@ -698,18 +714,16 @@ class RunningTarget:
         for pid in _session_pids(self.sid):
             try:
                 os.kill(pid, signal.SIGKILL)
-                hit.append(pid)
             except OSError:
                 pass
-        for proc in extra:
+            alive.add(pid)
+        for proc in live_extra:
             # psutil refuses to signal a reused pid, so a stale snapshot is harmless.
-            if proc.pid not in hit and _is_live(proc):
-                try:
-                    proc.kill()
-                    hit.append(proc.pid)
-                except psutil.Error:
-                    pass
-        return hit
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        return sorted(alive)
 
     def stop(self, grace: Optional[float] = None) -> StopResult:
         """Stop the target and everything it started; idempotent.
@@ -847,6 +861,7 @@ def start_target(spec: TargetSpec) -> RunningTarget:
                     stdout_tail=exc.stdout_tail,
                     stderr_tail=exc.stderr_tail,
                     port_in_use=True,
+                    master_pid=exc.master_pid,
                 ) from None
             raise
         except BaseException:

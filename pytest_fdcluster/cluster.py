@@ -1,0 +1,289 @@
+"""A running cluster as a test sees it: address, processes, clients, faults on workers.
+
+``Cluster`` wraps a ``RunningTarget`` with the verbs a test uses (``call``,
+``kill_worker``, ``pause_worker``, ``wait_for_workers``, ``snapshot``) and
+records what happened to it for the report.  ``ClusterFactory`` starts any
+number of clusters and stops them all.  No pytest import: the plugin's
+fixtures are thin wrappers over these.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import psutil
+
+from . import observe
+from .client import Client
+from .settings import ClusterSettings
+from .target import RunningTarget, StopResult, TargetSpec, start_target
+
+WorkerRef = Union[int, str]
+
+DEFAULT_CALL_TIMEOUT = 5.0
+POLL_INTERVAL = 0.005
+
+
+class ClusterError(AssertionError):
+    """A cluster did not reach the state a test waited for; the message says which and why."""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, describe: Callable[[], str]) -> Any:
+    """Poll ``predicate`` until it returns something truthy; raise ``ClusterError`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise ClusterError(f"timed out after {timeout:g} s waiting for {describe()}")
+        time.sleep(POLL_INTERVAL)
+
+
+class Cluster:
+    """One running target: the master, its workers, and what a test does to them."""
+
+    def __init__(self, target: RunningTarget, settings: ClusterSettings, name: str = "fdcluster") -> None:
+        self.target = target
+        self.settings = settings
+        self.name = name
+        self.paused: set = set()
+        self.events: List[Tuple[float, str]] = []  # (seconds since start, what) for replay and reports
+        self.started = time.monotonic()
+        self.ready_seconds = 0.0
+        self.stop_result: Optional[StopResult] = None
+        self.baseline: Optional[observe.Snapshot] = None
+        self.final: Optional[observe.Snapshot] = None
+        self.final_stats: Optional[Dict[str, Any]] = None
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name} master={self.master} workers={self.workers}>"
+
+    # -- where and who --------------------------------------------------------------
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """(host, port) clients connect to."""
+        return self.target.address
+
+    @property
+    def master(self) -> int:
+        """The master's pid."""
+        return self.target.master_pid
+
+    @property
+    def workers(self) -> List[int]:
+        """Pids of the live workers, oldest first."""
+        return self.target.worker_pids()
+
+    @property
+    def is_reference(self) -> bool:
+        return self.settings.is_reference
+
+    def labels(self) -> Dict[int, str]:
+        """pid -> 'master' / 'worker N': the reference server's own indexes, else by age."""
+        labels = {self.master: observe.MASTER}
+        stats = self.stats() if self.target.control else None
+        if stats:
+            for worker in stats["workers"]:
+                if worker.get("pid"):
+                    labels[worker["pid"]] = observe.worker_label(worker["index"])
+            return labels
+        for index, pid in enumerate(self.workers):
+            labels[pid] = observe.worker_label(index)
+        return labels
+
+    def worker_pid(self, worker: WorkerRef) -> int:
+        """A worker's pid from its pid, its index among live workers, or its label ('worker 1')."""
+        workers = self.workers
+        if isinstance(worker, str):
+            by_label = {label: pid for pid, label in self.labels().items()}
+            if worker not in by_label:
+                raise ClusterError(f"no {worker!r} in {self.name}: live workers are {sorted(by_label)}")
+            return by_label[worker]
+        if worker in workers:
+            return worker
+        if 0 <= worker < len(workers):
+            return workers[worker]
+        raise ClusterError(f"{worker} is neither a worker pid nor an index of {self.name}'s live workers {workers}")
+
+    # -- talking to it ----------------------------------------------------------------
+
+    def client(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> Client:
+        """A connected protocol client; use it as a context manager."""
+        return Client(self.address, timeout=timeout)
+
+    def call(self, method: str, params: Any = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
+        """One request on a fresh connection; returns the result, raises ``RemoteError`` on an error frame."""
+        with self.client(timeout) as client:
+            return client.call(method, params)
+
+    def stats(self) -> Optional[Dict[str, Any]]:
+        """The reference server's own counters (None for targets without a control socket)."""
+        address = self.target.control
+        if not address:
+            return None
+        from fdcluster_server import protocol  # the one framing implementation
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEFAULT_CALL_TIMEOUT)
+            try:
+                sock.connect("\0" + address[1:] if address.startswith("@") else address)
+                sock.sendall(protocol.request("stats"))
+                decoder = protocol.FrameDecoder()
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        return None
+                    bodies = decoder.feed(data)
+                    if bodies:
+                        return protocol.decode_body(bodies[0])["result"]
+            except OSError:
+                return None  # the master is gone or stopping: counters are a bonus, not a requirement
+
+    # -- observing it -------------------------------------------------------------------
+
+    def snapshot(self) -> observe.Snapshot:
+        """Every fd of every process of the cluster, labelled master / worker N."""
+        return observe.snapshot(self.master, self.labels())
+
+    def owner_of(self, client: Union[Client, socket.socket, Tuple[str, int]]) -> Optional[str]:
+        """Label of the process serving ``client`` ('worker 1'), seen from outside; None if nobody holds it."""
+        view = self.snapshot().owner_of(_local_address(client))
+        return view.label if view else None
+
+    def connections_per_worker(self, clients: Sequence[Union[Client, socket.socket, Tuple[str, int]]]) -> Dict[str, int]:
+        """How many of ``clients`` each worker holds (every live worker listed, zeros included)."""
+        return self.snapshot().connections_per_process([_local_address(c) for c in clients])
+
+    # -- faults on workers ------------------------------------------------------------------
+
+    def kill_worker(self, worker: WorkerRef = 0, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` (SIGKILL by default) to one worker; returns its pid."""
+        pid = self.worker_pid(worker)
+        self._signal(pid, sig)
+        self._record(f"{signal.Signals(sig).name} worker pid {pid}")
+        return pid
+
+    def pause_worker(self, worker: WorkerRef = 0) -> int:
+        """SIGSTOP one worker and wait until the kernel shows it stopped; returns its pid."""
+        pid = self.worker_pid(worker)
+        self._signal(pid, signal.SIGSTOP)
+        self.paused.add(pid)
+        self._record(f"SIGSTOP worker pid {pid}")
+        wait_until(lambda: _status(pid) in (psutil.STATUS_STOPPED, None), 5.0, lambda: f"worker pid {pid} to stop")
+        return pid
+
+    def resume_worker(self, worker: WorkerRef) -> int:
+        """SIGCONT a paused worker; returns its pid."""
+        pid = worker if worker in self.paused else self.worker_pid(worker)
+        self._signal(pid, signal.SIGCONT)
+        self.paused.discard(pid)
+        self._record(f"SIGCONT worker pid {pid}")
+        return pid
+
+    def kill_master(self, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to the master; returns its pid."""
+        self._signal(self.master, sig)
+        self._record(f"{signal.Signals(sig).name} master pid {self.master}")
+        return self.master
+
+    def wait_for_workers(self, n: Optional[int] = None, timeout: float = 10.0, gone: Sequence[int] = ()) -> List[int]:
+        """Wait until exactly ``n`` workers (default: as configured) are alive and none of ``gone`` is."""
+        n = self.settings.workers if n is None else n
+
+        def settled() -> Optional[List[int]]:
+            workers = self.workers
+            return workers if len(workers) == n and not set(gone) & set(workers) else None
+
+        return wait_until(settled, timeout, lambda: (
+            f"{n} live workers in {self.name}" + (f" without {list(gone)}" if gone else "")
+            + f"; live now: {self.workers}" + ("" if self.target.alive() else "; the master is dead")))
+
+    # -- the end ------------------------------------------------------------------------
+
+    def stop(self) -> StopResult:
+        """Resume paused workers, SIGTERM, grace, SIGKILL the rest; idempotent."""
+        if self.stop_result is not None:
+            return self.stop_result
+        for pid in list(self.paused):
+            try:
+                psutil.Process(pid).resume()
+            except psutil.Error:
+                pass  # it died while paused
+        self.paused.clear()
+        if self.target.alive():
+            try:
+                self.final_stats = self.stats()
+                self.final = self.snapshot()
+            except Exception:  # observation must never stop a teardown
+                self.final = None
+        self.stop_result = self.target.stop()
+        self._record("stopped")
+        return self.stop_result
+
+    def _signal(self, pid: int, sig: int) -> None:
+        try:
+            psutil.Process(pid).send_signal(sig)
+        except psutil.NoSuchProcess:
+            raise ClusterError(f"cannot send {signal.Signals(sig).name} to pid {pid}: it is not running") from None
+
+    def _record(self, what: str) -> None:
+        self.events.append((round(time.monotonic() - self.started, 3), what))
+
+
+def _status(pid: int) -> Optional[str]:
+    try:
+        return psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _local_address(client: Union[Client, socket.socket, Tuple[str, int]]) -> Tuple[str, int]:
+    if isinstance(client, tuple):
+        return client
+    if isinstance(client, Client):
+        return client.local_address
+    return client.getsockname()[:2]
+
+
+class ClusterFactory:
+    """Starts clusters and stops every one of them at ``close``."""
+
+    def __init__(self, default: ClusterSettings) -> None:
+        self.default = default
+        self.clusters: List[Cluster] = []
+
+    def start(self, settings: Optional[ClusterSettings] = None, name: Optional[str] = None) -> Cluster:
+        """Start one cluster and wait until it is ready; raises ``TargetStartupError`` if it is not."""
+        settings = settings or self.default
+        spec = TargetSpec(command=list(settings.command), workers=settings.workers,
+                          startup_timeout=settings.startup_timeout, grace=settings.grace)
+        began = time.monotonic()
+        target = start_target(spec)
+        cluster = Cluster(target, settings, name or f"cluster {len(self.clusters) + 1}")
+        cluster.ready_seconds = time.monotonic() - began
+        self.clusters.append(cluster)
+        try:
+            cluster.baseline = cluster.snapshot()
+        except Exception:
+            cluster.baseline = None
+        return cluster
+
+    def close(self) -> List[Tuple[Cluster, StopResult]]:
+        """Stop every cluster (newest first); returns what each stop found."""
+        results = []
+        for cluster in reversed(self.clusters):
+            results.append((cluster, cluster.stop()))
+        return results
+
+
+def scm_rights_unavailable() -> Optional[str]:
+    """Why fd passing cannot be tested here, or None when it can."""
+    if not hasattr(socket, "AF_UNIX") or not hasattr(socket, "SCM_RIGHTS"):
+        return f"SCM_RIGHTS descriptor passing is not available on {sys.platform}"
+    return None

@@ -1,0 +1,634 @@
+"""Integration tests of target start-up and teardown, with real processes and sockets.
+
+Targets: a small Python prefork server (written to a temporary file; its
+options switch on misbehaviours such as ignoring SIGTERM or abandoning its
+workers) and the Node.js cluster server under tests/targets/.  Every process
+a test sees is recorded and killed at teardown, whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar
+
+import psutil
+import pytest
+
+from pytest_fdcluster import guard, target
+from pytest_fdcluster.client import Client
+from pytest_fdcluster.target import RunningTarget, TargetSpec, TargetStartupError, start_target
+
+needs_node = pytest.mark.skipif(
+    shutil.which("node") is None,
+    reason="node (Node.js) is not installed; the non-Python target test needs it",
+)
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; the orphan guard's session scan is Linux-only"
+)
+
+NODE_SERVER = Path(__file__).resolve().parent.parent / "targets" / "node_cluster_server.js"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "server")])
+
+#: Bound on every wait for observed state in these tests.
+DEADLINE = 5.0
+
+PREFORK_SERVER = r'''
+"""A tiny Python prefork target: workers accept on the master's listening socket."""
+import argparse, json, os, signal, socket, sys, threading, time
+
+from fdcluster_server import protocol
+
+
+def serve_connection(conn):
+    decoder = protocol.FrameDecoder()
+    with conn:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for body in decoder.feed(data):
+                try:
+                    method, params = protocol.parse_request(body)
+                except protocol.ProtocolError as exc:
+                    conn.sendall(protocol.error(str(exc)))
+                    continue
+                if method == "ping":
+                    conn.sendall(protocol.response(protocol.OUT_PONG, params))
+                elif method == "pid":
+                    conn.sendall(protocol.response("ok", os.getpid()))
+                else:
+                    conn.sendall(protocol.error("unknown method %r" % method))
+            if decoder.failure is not None:
+                conn.sendall(protocol.error(str(decoder.failure)))
+                return
+
+
+def accept_forever(listener):
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--fork", type=int, help="workers actually forked (default: --workers)")
+    parser.add_argument("--worker-delay", type=float, default=0.0)
+    parser.add_argument("--master-serves", action="store_true")
+    parser.add_argument("--ready-line", action="store_true")
+    parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--abandon-workers", action="store_true")
+    parser.add_argument("--new-group", action="store_true")
+    args = parser.parse_args()
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", args.port))
+    listener.listen(128)
+    workers = []
+
+    def on_term(signum, frame):
+        if not args.abandon_workers:
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+            for pid in workers:
+                os.waitpid(pid, 0)
+        os._exit(0)
+
+    # Installed before forking so an early SIGTERM already takes the orderly path.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else on_term)
+    if args.master_serves:
+        threading.Thread(target=accept_forever, args=(listener,), daemon=True).start()
+    if args.worker_delay:
+        time.sleep(args.worker_delay)
+    for _ in range(args.workers if args.fork is None else args.fork):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if not args.ignore_term:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                if args.new_group:
+                    os.setpgid(0, 0)
+                accept_forever(listener)
+            finally:
+                os._exit(0)
+        workers.append(pid)
+    if args.ready_line:
+        info = {"host": "127.0.0.1", "port": listener.getsockname()[1], "pid": os.getpid(),
+                "workers": workers, "strategy": "shared-accept", "control": "@prefork-test"}
+        print("fdcluster-ready " + json.dumps(info), flush=True)
+    while True:
+        signal.pause()
+
+
+main()
+'''
+
+# Stands in for a pytest process that starts a target and is then SIGKILLed.
+DRIVER = r'''
+import json, sys
+from pytest_fdcluster import target
+
+spec = target.TargetSpec(json.loads(sys.argv[1]), workers=int(sys.argv[2]))
+running = target.start_target(spec)
+print(json.dumps({"master": running.master_pid, "workers": running.worker_pids(),
+                  "guard": target._guard_link.pid}), flush=True)
+sys.stdin.read()
+'''
+
+T = TypeVar("T")
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def is_live(proc: psutil.Process) -> bool:
+    """Running and not a zombie (an unreaped corpse is dead for our purposes)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def live(procs: Iterable[psutil.Process]) -> List[int]:
+    return [proc.pid for proc in procs if is_live(proc)]
+
+
+def port_refuses(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            return True
+        return False
+
+
+def match_lines(text: str, patterns: Sequence[str]) -> None:
+    """Assert ``text`` has lines matching ``patterns`` (fnmatch), consecutively and in order."""
+    lines = text.splitlines()
+    for start in range(len(lines) - len(patterns) + 1):
+        if all(fnmatch.fnmatch(line, pattern) for line, pattern in zip(lines[start:], patterns)):
+            return
+    pytest.fail("message does not match\n--- message:\n" + text + "\n--- patterns:\n" + "\n".join(patterns))
+
+
+class Reaper:
+    """Records every target and process a test sees; kills them all at teardown."""
+
+    def __init__(self) -> None:
+        self.targets: List[RunningTarget] = []
+        self.popens: List[subprocess.Popen] = []
+        self.procs: List[psutil.Process] = []
+
+    def start(self, spec: TargetSpec) -> RunningTarget:
+        running = start_target(spec)
+        self.targets.append(running)
+        self.track(running.master_pid, *running.worker_pids())
+        return running
+
+    def track(self, *pids: int) -> List[psutil.Process]:
+        found = []
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                continue
+            self.procs.append(proc)
+            found.append(proc)
+        return found
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, **kwargs)
+        self.popens.append(proc)
+        self.track(proc.pid)
+        return proc
+
+    def finalize(self) -> None:
+        for running in self.targets:
+            running.stop(grace=0)
+        for proc in self.popens:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(DEADLINE)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        for proc in self.procs:
+            if is_live(proc):
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+        wait_until(lambda: not live(self.procs), "every process the test saw to die")
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    r = Reaper()
+    try:
+        yield r
+    finally:
+        r.finalize()
+
+
+@pytest.fixture(scope="module")
+def prefork_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("targets") / "prefork_server.py"
+    path.write_text(PREFORK_SERVER)
+    return path
+
+
+@pytest.fixture
+def prefork(prefork_script: Path) -> Callable[..., List[str]]:
+    """Build a prefork target command: ``prefork("--ignore-term")``."""
+
+    def command(*options: str, port: bool = True) -> List[str]:
+        argv = [sys.executable, str(prefork_script), "--workers", "{workers}"]
+        if port:
+            argv += ["--port", "{port}"]
+        return argv + list(options)
+
+    return command
+
+
+def python_spec(command: Sequence[str], workers: int, **kwargs: Any) -> TargetSpec:
+    return TargetSpec(command, workers=workers, env={"PYTHONPATH": PYTHONPATH}, **kwargs)
+
+
+def node_spec(workers: int, **kwargs: Any) -> TargetSpec:
+    command = ["node", str(NODE_SERVER), "--port", "{port}", "--workers", "{workers}", "--host", "{host}"]
+    return TargetSpec(command, workers=workers, **kwargs)
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+class TestSpec:
+    def test_placeholders_are_replaced_and_other_braces_survive(self) -> None:
+        spec = TargetSpec(
+            ["srv", "--listen={host}:{port}", "-w", "{workers}", '{"port": {port}, "x": {}}'], workers=3
+        )
+        assert spec.render(4242) == ["srv", "--listen=127.0.0.1:4242", "-w", "3", '{"port": 4242, "x": {}}']
+
+    def test_string_command_is_split_like_a_shell_but_not_run_by_one(self) -> None:
+        spec = TargetSpec("srv --name 'a b' $HOME {port}", workers=1)
+        assert spec.render(1) == ["srv", "--name", "a b", "$HOME", "1"]
+        assert spec.uses_port
+
+    def test_without_port_placeholder_the_port_comes_from_the_readiness_line(self) -> None:
+        assert not TargetSpec("srv --workers {workers}", workers=1).uses_port
+
+    @pytest.mark.parametrize("field, value", [("workers", -1), ("startup_timeout", 0), ("command", "")])
+    def test_invalid_spec_is_rejected(self, field: str, value: Any) -> None:
+        kwargs = {"command": "srv", "workers": 1, field: value}
+        with pytest.raises(ValueError, match=field):
+            TargetSpec(**kwargs)
+
+
+@needs_node
+class TestNodeTarget:
+    def test_start_serve_and_stop(self, reaper: Reaper) -> None:
+        running = reaper.start(node_spec(workers=3))
+        workers = running.worker_pids()
+        assert len(workers) == 3
+        assert running.ready_info is None and running.control is None
+        for i in range(6):
+            with Client(running.address) as client:
+                assert client.call("ping", {"i": i}) == {"i": i}
+        seen = reaper.track(running.master_pid, *workers)
+
+        result = running.stop()
+
+        assert result.returncode == 0
+        assert not result.needed_sigkill, result
+        assert result.clean, result
+        assert live(seen) == []
+        assert port_refuses(running.port)
+
+    def test_dead_worker_is_respawned(self, reaper: Reaper) -> None:
+        running = reaper.start(node_spec(workers=2))
+        victim = running.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: victim not in running.worker_pids() and len(running.worker_pids()) == 2,
+            "the node primary to replace its killed worker",
+        )
+        reaper.track(*running.worker_pids())
+        with Client(running.address) as client:
+            assert client.call("ping", "after respawn") == "after respawn"
+        assert running.stop().clean
+
+    def test_usage_error_is_reported(self) -> None:
+        spec = TargetSpec(
+            ["node", str(NODE_SERVER), "--port", "{port}", "--workers", "{workers}", "--bogus"], workers=2
+        )
+        with pytest.raises(TargetStartupError) as info:
+            start_target(spec)
+        match_lines(
+            str(info.value),
+            [
+                "fdcluster target failed to start: exited with status 2 after * s",
+                f"  command: node {NODE_SERVER} --port * --workers 2 --bogus",
+                "  waiting for: readiness (port * accepting, ping answered, 2 workers)",
+                "  last stderr lines:",
+                "    usage: node node_cluster_server.js *",
+                "    error: unrecognized argument: --bogus",
+            ],
+        )
+
+
+class TestReadiness:
+    def test_waits_for_every_worker_even_when_ping_already_works(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+        # The master answers pings itself at once but forks its workers only later.
+        running = reaper.start(python_spec(prefork("--master-serves", "--worker-delay", "0.5"), workers=3))
+        assert len(running.worker_pids()) >= 3
+
+    def test_too_few_workers_times_out_with_the_count(self, prefork: Callable[..., List[str]]) -> None:
+        spec = python_spec(prefork("--fork", "1", "--master-serves"), workers=3, startup_timeout=1.0)
+        with pytest.raises(TargetStartupError) as info:
+            start_target(spec)
+        match_lines(
+            str(info.value),
+            [
+                "fdcluster target failed to start: did not become ready within 1.0 s: "
+                "port accepting, ping answered, 1 of 3 workers present",
+                "  command: * --workers 3 --port * --fork 1 --master-serves",
+                "  waiting for: readiness (port * accepting, ping answered, 3 workers)",
+            ],
+        )
+
+    def test_exit_during_startup_quotes_status_and_stderr(self) -> None:
+        script = (
+            "import sys; sys.stderr.write('usage: srv --port N\\nerror: unrecognized arguments: --bogus\\n');"
+            " sys.exit(2)"
+        )
+        spec = TargetSpec([sys.executable, "-c", script, "--port", "{port}", "--bogus"], workers=4)
+        with pytest.raises(TargetStartupError) as info:
+            start_target(spec)
+        match_lines(
+            str(info.value),
+            [
+                "fdcluster target failed to start: exited with status 2 after *.** s",
+                f"  command: {sys.executable} -c * --port * --bogus",
+                "  waiting for: readiness (port * accepting, ping answered, 4 workers)",
+                "  last stderr lines:",
+                "    usage: srv --port N",
+                "    error: unrecognized arguments: --bogus",
+            ],
+        )
+        assert info.value.returncode == 2
+        assert not info.value.port_in_use
+
+    def test_never_listening_times_out_and_is_killed(self) -> None:
+        spec = TargetSpec([sys.executable, "-c", "import time; time.sleep(60)", "{port}"], workers=2, startup_timeout=1.0)
+        with pytest.raises(TargetStartupError) as info:
+            start_target(spec)
+        match_lines(
+            str(info.value),
+            [
+                "fdcluster target failed to start: did not become ready within 1.0 s: "
+                "port * not accepting, 0 of 2 workers present",
+                "  command: *",
+                "  waiting for: readiness (port * accepting, ping answered, 2 workers)",
+                "  stderr: (nothing)",
+            ],
+        )
+        assert info.value.master_pid is not None
+        assert not psutil.pid_exists(info.value.master_pid) or psutil.Process(info.value.master_pid).status() == psutil.STATUS_ZOMBIE
+
+    def test_missing_readiness_line_times_out(self) -> None:
+        spec = TargetSpec([sys.executable, "-c", "import time; time.sleep(60)"], workers=1, startup_timeout=0.5)
+        with pytest.raises(TargetStartupError, match="did not become ready within 0.5 s: no fdcluster-ready line"):
+            start_target(spec)
+
+    def test_missing_executable_is_a_startup_error(self) -> None:
+        with pytest.raises(TargetStartupError, match="cannot run it"):
+            start_target(TargetSpec(["/nonexistent/fdcluster-server", "{port}"], workers=1))
+
+    def test_readiness_line_gives_port_and_control(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+        running = reaper.start(python_spec(prefork("--port", "0", "--ready-line", port=False), workers=2))
+        assert running.ready_info is not None
+        assert running.address == ("127.0.0.1", running.ready_info["port"])
+        assert running.control == "@prefork-test"
+        assert running.ready_info["pid"] == running.master_pid
+        assert sorted(running.ready_info["workers"]) == sorted(running.worker_pids())
+        with Client(running.address) as client:
+            assert client.call("ping", "hi") == "hi"
+        assert running.stop().clean
+
+    def test_port_taken_between_pick_and_bind_is_retried(
+        self, reaper: Reaper, prefork: Callable[..., List[str]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as squatter:
+            busy = squatter.getsockname()[1]
+            picks = iter([busy, busy])
+            real_free_port = target._free_port
+            monkeypatch.setattr(target, "_free_port", lambda host: next(picks, None) or real_free_port(host))
+            running = reaper.start(python_spec(prefork(), workers=2))
+            assert running.port != busy
+            with Client(running.address) as client:
+                assert client.call("ping", 1) == 1
+
+    def test_port_taken_every_time_gives_up_with_the_ports_tried(
+        self, prefork: Callable[..., List[str]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as squatter:
+            busy = squatter.getsockname()[1]
+            monkeypatch.setattr(target, "_free_port", lambda host: busy)
+            with pytest.raises(TargetStartupError) as info:
+                start_target(python_spec(prefork(), workers=1))
+        assert info.value.port_in_use
+        assert f"ports tried, each reported in use: {busy}, {busy}, {busy}, {busy}" in str(info.value)
+
+
+class TestStop:
+    def test_clean_stop_frees_port_and_leaves_no_process(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+        running = reaper.start(python_spec(prefork(), workers=3))
+        seen = reaper.track(running.master_pid, *running.worker_pids())
+        port = running.port
+        with Client(running.address) as client:
+            assert client.call("ping", 1) == 1
+
+        result = running.stop()
+
+        assert (result.returncode, result.master_killed, result.survivors_killed) == (0, False, ())
+        assert result.clean, result
+        assert live(seen) == []
+        assert port_refuses(port)
+        # The port is usable again, as a restarted server would need.
+        with socket.create_server(("127.0.0.1", port)):
+            pass
+
+    def test_sigterm_ignored_escalates_to_sigkill(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+        running = reaper.start(python_spec(prefork("--ignore-term"), workers=2))
+        workers = running.worker_pids()
+        seen = reaper.track(running.master_pid, *workers)
+
+        result = running.stop(grace=0.3)
+
+        assert result.master_killed and result.needed_sigkill
+        assert result.returncode == -signal.SIGKILL
+        assert sorted(result.survivors_killed) == sorted(workers)
+        assert result.seconds >= 0.3
+        assert result.clean, result
+        assert live(seen) == []
+
+    def test_workers_in_another_process_group_are_found_by_session(
+        self, reaper: Reaper, prefork: Callable[..., List[str]]
+    ) -> None:
+        running = reaper.start(python_spec(prefork("--new-group", "--abandon-workers"), workers=2))
+        workers = running.worker_pids()
+        seen = reaper.track(running.master_pid, *workers)
+        wait_until(
+            lambda: all(os.getpgid(pid) == pid for pid in workers), "the workers to move to their own groups"
+        )
+
+        result = running.stop()
+
+        assert result.returncode == 0 and not result.master_killed
+        assert sorted(result.survivors_killed) == sorted(workers)
+        assert result.clean, result
+        assert live(seen) == []
+
+    def test_stop_after_the_master_died(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+        running = reaper.start(python_spec(prefork(), workers=2))
+        workers = running.worker_pids()
+        seen = reaper.track(running.master_pid, *workers)
+        os.kill(running.master_pid, signal.SIGKILL)
+        wait_until(lambda: not running.alive(), "the master to die")
+        # Orphaned workers are still found, through the session.
+        assert running.worker_pids() == workers
+
+        result = running.stop()
+
+        assert result.exited_before_stop and result.returncode == -signal.SIGKILL
+        assert sorted(result.survivors_killed) == sorted(workers)
+        assert result.clean, result
+        assert live(seen) == []
+
+    def test_stop_is_idempotent_and_the_context_manager_stops(
+        self, reaper: Reaper, prefork: Callable[..., List[str]]
+    ) -> None:
+        with reaper.start(python_spec(prefork(), workers=1)) as running:
+            seen = reaper.track(running.master_pid, *running.worker_pids())
+        assert not running.alive()
+        assert running.stop() is running.stop()
+        assert live(seen) == []
+
+    def test_output_tails_are_kept(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+        running = reaper.start(python_spec(prefork("--ready-line"), workers=1))
+        assert running.stdout_tail()[0].startswith("fdcluster-ready ")
+        running.stop()
+        assert running.stderr_tail() == []
+
+
+@linux_only
+class TestOrphanGuard:
+    def test_guard_pipe_is_not_inherited_by_the_target(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+        running = reaper.start(python_spec(prefork(), workers=2))
+        write_fd = target._guard_link.write_fd
+        assert write_fd is not None
+        guard_pipe = f"pipe:[{os.fstat(write_fd).st_ino}]"
+        for pid in [running.master_pid, *running.worker_pids()]:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+            assert guard_pipe not in links, f"pid {pid} holds the guard pipe"
+
+    @pytest.mark.parametrize(
+        "kind",
+        ["python-prefork", pytest.param("node-cluster", marks=needs_node)],
+    )
+    def test_sigkilled_pytest_leaves_no_target_behind(
+        self, kind: str, reaper: Reaper, prefork: Callable[..., List[str]]
+    ) -> None:
+        if kind == "node-cluster":
+            command = node_spec(workers=2).command
+        else:
+            command = prefork()
+        driver = reaper.popen(
+            [sys.executable, "-c", DRIVER, json.dumps(list(command)), "2"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        )
+        assert driver.stdout is not None
+        ready, _, _ = select.select([driver.stdout], [], [], 15.0)
+        assert ready, "the driver did not report its target within 15 s"
+        line = driver.stdout.readline()
+        assert line, f"the driver exited with {driver.wait()} before reporting its target"
+        report = json.loads(line)
+        assert len(report["workers"]) == 2
+        doomed = reaper.track(report["master"], *report["workers"])
+        guard_proc = reaper.track(report["guard"])
+        assert len(doomed) == 3 and guard_proc
+
+        driver.kill()
+        driver.wait(DEADLINE)
+
+        wait_until(lambda: not live(doomed), f"every target process to die: still live {live(doomed)}")
+        wait_until(lambda: not live(guard_proc), "the guard to exit")
+
+    def test_guard_kills_watched_and_spares_forgotten_sessions(self, reaper: Reaper) -> None:
+        sleeper = [sys.executable, "-c", "import os, time; os.fork(); time.sleep(60)"]
+        watched = reaper.popen(sleeper, start_new_session=True)
+        forgotten = reaper.popen(sleeper, start_new_session=True)
+        watched_procs = wait_until(lambda: len(guard.session_pids([watched.pid])) == 2 and guard.session_pids([watched.pid]), "the watched session to fork")
+        forgotten_procs = wait_until(lambda: len(guard.session_pids([forgotten.pid])) == 2 and guard.session_pids([forgotten.pid]), "the forgotten session to fork")
+        watched_seen = reaper.track(*watched_procs)
+        forgotten_seen = reaper.track(*forgotten_procs)
+
+        watchdog = reaper.popen(
+            [sys.executable, "-m", "pytest_fdcluster.guard"],
+            stdin=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH},
+            start_new_session=True,
+        )
+        assert watchdog.stdin is not None
+        watchdog.stdin.write(f"watch {watched.pid}\nwatch {forgotten.pid}\nforget {forgotten.pid}\n".encode())
+        watchdog.stdin.close()
+        assert watchdog.wait(DEADLINE) == 0
+
+        wait_until(lambda: not live(watched_seen), "the watched session to die")
+        assert sorted(live(forgotten_seen)) == sorted(forgotten_procs)
+
+    def test_guard_starts_without_psutil_or_pytest(self) -> None:
+        probe = (
+            "import importlib.util, sys;"
+            f"spec = importlib.util.spec_from_file_location('fdguard', {guard.__file__!r});"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module);"
+            "print(sorted(m for m in ('psutil', 'pytest') if m in sys.modules))"
+        )
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]"
