@@ -1,3 +1,34 @@
-"""pytest-fdcluster: test prefork servers that hand client sockets to workers."""
+"""pytest-fdcluster: test prefork servers that hand client sockets to workers.
+
+The public API, for users' own scenarios: the fixtures ``fdcluster``,
+``fdcluster_factory``, ``fdcluster_payloads`` and the ``fdcluster`` marker
+(from the plugin), plus what this package exports below: the cluster and its
+client, the fault injectors (``faults``), the load generator (``load``) and the
+assertions.  Everything else is internal.
+"""
+
+from .checks import (
+    CheckFailed,
+    FairnessError,
+    FdLeakError,
+    assert_fair,
+    assert_master_holds_no_clients,
+    assert_no_close_wait,
+    assert_no_fd_growth,
+    assert_no_fd_leak,
+    assert_round_robin,
+    fairness,
+    format_distribution,
+)
+from .client import Client, ClientError, ClientTimeout, ConnectionClosed, RemoteError
+from .cluster import Cluster, ClusterError, process_alive, wait_until
+from .observe import Snapshot, snapshot
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ConnectionClosed",
+    "FairnessError", "FdLeakError", "RemoteError", "Snapshot", "assert_fair", "assert_master_holds_no_clients",
+    "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
+    "format_distribution", "process_alive", "snapshot", "wait_until",
+]

@@ -134,14 +134,17 @@ class Cluster:
             try:
                 sock.connect("\0" + address[1:] if address.startswith("@") else address)
                 sock.sendall(protocol.request("stats"))
+                # Half-close and read to EOF: the master closes its end before we return,
+                # so observing the cluster never sees our own control connection.
+                sock.shutdown(socket.SHUT_WR)
                 decoder = protocol.FrameDecoder()
+                bodies: List[bytes] = []
                 while True:
                     data = sock.recv(65536)
                     if not data:
-                        return None
-                    bodies = decoder.feed(data)
-                    if bodies:
-                        return protocol.decode_body(bodies[0])["result"]
+                        break
+                    bodies += decoder.feed(data)
+                return protocol.decode_body(bodies[0])["result"] if bodies else None
             except OSError:
                 return None  # the master is gone or stopping: counters are a bonus, not a requirement
 
@@ -234,6 +237,12 @@ class Cluster:
 
     def _record(self, what: str) -> None:
         self.events.append((round(time.monotonic() - self.started, 3), what))
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as dead)."""
+    status = _status(pid)
+    return status is not None and status != psutil.STATUS_ZOMBIE
 
 
 def _status(pid: int) -> Optional[str]:

@@ -142,6 +142,11 @@ class Factory:
         self._clusters = ClusterFactory(default)
 
     @property
+    def is_reference(self) -> bool:
+        """True when this test's clusters run the reference server (its settings apply)."""
+        return self._clusters.default.is_reference
+
+    @property
     def clusters(self):
         return list(self._clusters.clusters)
 

@@ -284,7 +284,9 @@ def _child_preexec(parent_pid: int) -> Callable[[], None]:
     return set_death_signal_in_child
 
 
-def _drain(pipe: IO[bytes], lines: Deque[str], lock: threading.Lock, on_line: Optional[Callable[[str], None]]) -> None:
+def _drain(
+    pipe: IO[bytes], lines: Deque[str], lock: threading.Lock, on_line: Optional[Callable[[str], None]]
+) -> None:
     """Reader thread body: keep the last lines of ``pipe``; the thread owns and closes it."""
     try:
         # A bounded readline, so a server that never prints a newline cannot grow memory.
@@ -441,7 +443,9 @@ class RunningTarget:
             self._reader("stderr", process.stderr, self._stderr, None),
         ]
 
-    def _reader(self, name: str, pipe: Optional[IO[bytes]], lines: Deque[str], on_line: Optional[Callable[[str], None]]) -> threading.Thread:
+    def _reader(
+        self, name: str, pipe: Optional[IO[bytes]], lines: Deque[str], on_line: Optional[Callable[[str], None]]
+    ) -> threading.Thread:
         thread = threading.Thread(
             target=_drain,
             args=(pipe, lines, self._tail_lock, on_line),
@@ -614,7 +618,8 @@ class RunningTarget:
         while True:
             returncode = self.process.poll()
             if returncode is not None:
-                self._fail(f"{_describe_status(returncode)} after {time.monotonic() - self._started_at:.2f} s", returncode)
+                elapsed = time.monotonic() - self._started_at
+                self._fail(f"{_describe_status(returncode)} after {elapsed:.2f} s", returncode)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -684,7 +689,10 @@ class RunningTarget:
             lines.append("  last stdout lines:")
             lines.extend(f"    {line}" for line in stdout[-MESSAGE_LINES:])
         if not result.clean:
-            lines.append(f"  left behind despite SIGKILL: pids {list(result.remaining)}, port released: {result.port_released}")
+            lines.append(
+                f"  left behind despite SIGKILL: pids {list(result.remaining)}, "
+                f"port released: {result.port_released}"
+            )
         raise TargetStartupError(
             "\n".join(lines),
             argv=self.argv,

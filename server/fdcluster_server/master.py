@@ -56,11 +56,24 @@ class Process:
         self.ready = False
 
 
+class ControlClient:
+    """One connection to the control socket."""
+
+    __slots__ = ("sock", "decoder", "eof", "queries", "closed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = protocol.FrameDecoder(64 * 1024)
+        self.eof = False
+        self.queries = 0  # stats queries still waiting for workers
+        self.closed = False
+
+
 class StatsQuery:
     """A control client's stats request, waiting for every live worker's counters."""
 
-    def __init__(self, sock: socket.socket, waiting: set, deadline: float) -> None:
-        self.sock = sock
+    def __init__(self, client: ControlClient, waiting: set, deadline: float) -> None:
+        self.client = client
         self.waiting = waiting
         self.deadline = deadline
         self.counters: Dict[int, Dict[str, Any]] = {}
@@ -428,42 +441,49 @@ class Master:
         except OSError:
             return
         sock.setblocking(False)
-        decoder = protocol.FrameDecoder(64 * 1024)
-        self.selector.register(sock, _READ, lambda m, s=sock, d=decoder: self.read_control(s, d))
+        client = ControlClient(sock)
+        self.selector.register(sock, _READ, lambda m, c=client: self.read_control(c))
 
-    def read_control(self, sock: socket.socket, decoder: protocol.FrameDecoder) -> None:
+    def read_control(self, client: "ControlClient") -> None:
         try:
-            data = sock.recv(65536)
+            data = client.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        bodies = decoder.feed(data) if data else []
-        if not data or decoder.failure is not None:
-            self.close_control_client(sock)
+        if not data:
+            # The harness half-closes after its request and reads until EOF, so by the time it
+            # observes the cluster this connection is gone from the master's descriptors.
+            client.eof = True
+            self.selector.unregister(client.sock)
+            if not client.queries:
+                self.close_control_client(client)
             return
+        bodies = client.decoder.feed(data)
         for body in bodies:
             try:
                 method, _ = protocol.parse_request(body)
             except protocol.BadRequest as exc:
-                self.reply_control(sock, protocol.error(str(exc)))
+                self.reply_control(client, protocol.error(str(exc)))
                 continue
             if method == "stats":
-                self.start_stats_query(sock)
+                self.start_stats_query(client)
             elif method == "ping":
-                self.reply_control(sock, protocol.response("pong", None))
+                self.reply_control(client, protocol.response("pong", None))
             else:
-                self.reply_control(sock, protocol.error(f"unknown control method {method!r}"))
+                self.reply_control(client, protocol.error(f"unknown control method {method!r}"))
+        if client.decoder.failure is not None:
+            self.close_control_client(client)
 
-    def start_stats_query(self, sock: socket.socket) -> None:
+    def start_stats_query(self, client: "ControlClient") -> None:
         self._next_query += 1
         waiting = set()
         for index, process in self.by_index.items():
             if process.channel is not None and process.ready:
                 waiting.add(index)
                 self._send(process, ch.STATS, self._next_query)
-        query = StatsQuery(sock, waiting, time.monotonic() + STATS_TIMEOUT)
-        self.queries[self._next_query] = query
+        self.queries[self._next_query] = StatsQuery(client, waiting, time.monotonic() + STATS_TIMEOUT)
+        client.queries += 1
         if not waiting:
             self.answer_query(self._next_query)
 
@@ -484,7 +504,11 @@ class Master:
 
     def answer_query(self, query_id: int) -> None:
         query = self.queries.pop(query_id)
-        self.reply_control(query.sock, protocol.response("stats", self.stats(query.counters)))
+        client = query.client
+        client.queries -= 1
+        self.reply_control(client, protocol.response("stats", self.stats(query.counters)))
+        if client.eof and not client.queries:
+            self.close_control_client(client)
 
     def stats(self, counters: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
         """The master's figures and each worker's, merged by worker index."""
@@ -504,24 +528,27 @@ class Master:
                   "respawns": sum(self.respawns.values()), "stopping": self.stopping}
         return {"master": master, "workers": workers}
 
-    def reply_control(self, sock: socket.socket, frame: bytes) -> None:
+    def reply_control(self, client: "ControlClient", frame: bytes) -> None:
+        if client.closed:
+            return
         try:
-            sock.setblocking(True)
-            sock.settimeout(1.0)  # the harness reads at once; never let it stall the master for long
-            sock.sendall(frame)
-            sock.setblocking(False)
+            client.sock.setblocking(True)
+            client.sock.settimeout(1.0)  # the harness reads at once; never let it stall the master for long
+            client.sock.sendall(frame)
+            client.sock.setblocking(False)
         except OSError:
-            self.close_control_client(sock)
+            self.close_control_client(client)
 
-    def close_control_client(self, sock: socket.socket) -> None:
+    def close_control_client(self, client: "ControlClient") -> None:
+        if client.closed:
+            return
+        client.closed = True
         for query_id, query in list(self.queries.items()):
-            if query.sock is sock:
+            if query.client is client:
                 del self.queries[query_id]
-        try:
-            self.selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-        sock.close()
+        if not client.eof:
+            self.selector.unregister(client.sock)
+        client.sock.close()
 
     def close_control(self) -> None:
         if self.control is not None:

@@ -15,15 +15,17 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, List, Sequence, TypeVar
 
 import psutil
 import pytest
 
+from fdcluster_server import protocol
 from pytest_fdcluster import guard, target
 from pytest_fdcluster.client import Client
 from pytest_fdcluster.target import RunningTarget, TargetSpec, TargetStartupError, start_target
@@ -180,11 +182,27 @@ def is_live(proc: psutil.Process) -> bool:
         return False
 
 
+def pid_gone(pid: int) -> bool:
+    """Whether ``pid`` no longer names a live process."""
+    try:
+        return not is_live(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
+
+
+def session_of_two(sid: int) -> List[int]:
+    """The session's pids once it has both processes of a forked sleeper, else []."""
+    pids = guard.session_pids([sid])
+    return pids if len(pids) == 2 else []
+
+
 def live(procs: Iterable[psutil.Process]) -> List[int]:
+    """The pids of ``procs`` still alive."""
     return [proc.pid for proc in procs if is_live(proc)]
 
 
 def port_refuses(port: int) -> bool:
+    """Whether a connect() to 127.0.0.1:``port`` is refused."""
     with socket.socket() as sock:
         sock.settimeout(1.0)
         try:
@@ -212,12 +230,14 @@ class Reaper:
         self.procs: List[psutil.Process] = []
 
     def start(self, spec: TargetSpec) -> RunningTarget:
+        """``start_target``, remembering the target and its processes."""
         running = start_target(spec)
         self.targets.append(running)
         self.track(running.master_pid, *running.worker_pids())
         return running
 
     def track(self, *pids: int) -> List[psutil.Process]:
+        """Remember ``pids`` (as psutil handles, safe against pid reuse); return the live ones."""
         found = []
         for pid in pids:
             try:
@@ -229,12 +249,14 @@ class Reaper:
         return found
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """``subprocess.Popen``, remembering the process."""
         proc = subprocess.Popen(argv, **kwargs)
         self.popens.append(proc)
         self.track(proc.pid)
         return proc
 
     def finalize(self) -> None:
+        """Stop every target, kill and reap every process, and check they are all gone."""
         for running in self.targets:
             running.stop(grace=0)
         for proc in self.popens:
@@ -255,6 +277,7 @@ class Reaper:
 
 @pytest.fixture
 def reaper() -> Iterator[Reaper]:
+    """A ``Reaper`` that cleans up after the test, whatever its outcome."""
     r = Reaper()
     try:
         yield r
@@ -264,6 +287,7 @@ def reaper() -> Iterator[Reaper]:
 
 @pytest.fixture(scope="module")
 def prefork_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Python prefork target, written to a file."""
     path = tmp_path_factory.mktemp("targets") / "prefork_server.py"
     path.write_text(PREFORK_SERVER)
     return path
@@ -283,10 +307,12 @@ def prefork(prefork_script: Path) -> Callable[..., List[str]]:
 
 
 def python_spec(command: Sequence[str], workers: int, **kwargs: Any) -> TargetSpec:
+    """A spec for a Python target that can import ``fdcluster_server``."""
     return TargetSpec(command, workers=workers, env={"PYTHONPATH": PYTHONPATH}, **kwargs)
 
 
 def node_spec(workers: int, **kwargs: Any) -> TargetSpec:
+    """A spec for the Node.js cluster target."""
     command = ["node", str(NODE_SERVER), "--port", "{port}", "--workers", "{workers}", "--host", "{host}"]
     return TargetSpec(command, workers=workers, **kwargs)
 
@@ -349,12 +375,39 @@ class TestNodeTarget:
             assert client.call("ping", "after respawn") == "after respawn"
         assert running.stop().clean
 
-    def test_usage_error_is_reported(self) -> None:
+    def test_speaks_the_protocol(self, reaper: Reaper) -> None:
+        running = reaper.start(node_spec(workers=2))
+        with Client(running.address) as client:
+            # Pipelined requests, delivered one byte at a time.
+            for byte in protocol.request("ping", 1) + protocol.request("ping", {"two": [2]}):
+                client.send_raw(bytes([byte]))
+            assert client.recv_frame() == {"out": "pong", "result": 1}
+            assert client.recv_frame() == {"out": "pong", "result": {"two": [2]}}
+            client.send_raw(protocol.encode_body(b"{nope"))
+            assert client.recv_frame()["out"] == "error"
+            assert client.call("ping", "same connection") == "same connection"
+        with Client(running.address) as client:
+            client.send_raw(protocol.encode_body(b"{nope") + protocol.encode([1]) + protocol.request("nope"))
+            answers = [client.recv_frame() for _ in range(3)]
+            assert [answer["out"] for answer in answers] == ["error"] * 3
+            assert answers[0]["result"].startswith("malformed JSON")
+            assert answers[1]["result"] == "request must be a JSON object, got list"
+            assert answers[2]["result"] == "unknown method 'nope'"
+            assert client.call("ping", "still usable") == "still usable"
+        with Client(running.address) as client:
+            client.send_raw(struct.pack("<I", protocol.DEFAULT_MAX_FRAME + 1))
+            assert client.recv_frame() == {
+                "out": "error",
+                "result": "frame of 1048577 bytes exceeds the maximum of 1048576 bytes",
+            }
+            assert client.expect_eof(DEADLINE) == "eof"
+
+    def test_usage_error_is_reported(self, reaper: Reaper) -> None:
         spec = TargetSpec(
             ["node", str(NODE_SERVER), "--port", "{port}", "--workers", "{workers}", "--bogus"], workers=2
         )
         with pytest.raises(TargetStartupError) as info:
-            start_target(spec)
+            reaper.start(spec)
         match_lines(
             str(info.value),
             [
@@ -369,15 +422,17 @@ class TestNodeTarget:
 
 
 class TestReadiness:
-    def test_waits_for_every_worker_even_when_ping_already_works(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+    def test_waits_for_every_worker_even_when_ping_already_works(
+        self, reaper: Reaper, prefork: Callable[..., List[str]]
+    ) -> None:
         # The master answers pings itself at once but forks its workers only later.
         running = reaper.start(python_spec(prefork("--master-serves", "--worker-delay", "0.5"), workers=3))
         assert len(running.worker_pids()) >= 3
 
-    def test_too_few_workers_times_out_with_the_count(self, prefork: Callable[..., List[str]]) -> None:
+    def test_too_few_workers_times_out_with_the_count(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
         spec = python_spec(prefork("--fork", "1", "--master-serves"), workers=3, startup_timeout=1.0)
         with pytest.raises(TargetStartupError) as info:
-            start_target(spec)
+            reaper.start(spec)
         match_lines(
             str(info.value),
             [
@@ -388,14 +443,14 @@ class TestReadiness:
             ],
         )
 
-    def test_exit_during_startup_quotes_status_and_stderr(self) -> None:
+    def test_exit_during_startup_quotes_status_and_stderr(self, reaper: Reaper) -> None:
         script = (
             "import sys; sys.stderr.write('usage: srv --port N\\nerror: unrecognized arguments: --bogus\\n');"
             " sys.exit(2)"
         )
         spec = TargetSpec([sys.executable, "-c", script, "--port", "{port}", "--bogus"], workers=4)
         with pytest.raises(TargetStartupError) as info:
-            start_target(spec)
+            reaper.start(spec)
         match_lines(
             str(info.value),
             [
@@ -410,10 +465,11 @@ class TestReadiness:
         assert info.value.returncode == 2
         assert not info.value.port_in_use
 
-    def test_never_listening_times_out_and_is_killed(self) -> None:
-        spec = TargetSpec([sys.executable, "-c", "import time; time.sleep(60)", "{port}"], workers=2, startup_timeout=1.0)
+    def test_never_listening_times_out_and_is_killed(self, reaper: Reaper) -> None:
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "{port}"]
+        spec = TargetSpec(sleeper, workers=2, startup_timeout=1.0)
         with pytest.raises(TargetStartupError) as info:
-            start_target(spec)
+            reaper.start(spec)
         match_lines(
             str(info.value),
             [
@@ -425,16 +481,16 @@ class TestReadiness:
             ],
         )
         assert info.value.master_pid is not None
-        assert not psutil.pid_exists(info.value.master_pid) or psutil.Process(info.value.master_pid).status() == psutil.STATUS_ZOMBIE
+        assert pid_gone(info.value.master_pid)
 
-    def test_missing_readiness_line_times_out(self) -> None:
+    def test_missing_readiness_line_times_out(self, reaper: Reaper) -> None:
         spec = TargetSpec([sys.executable, "-c", "import time; time.sleep(60)"], workers=1, startup_timeout=0.5)
         with pytest.raises(TargetStartupError, match="did not become ready within 0.5 s: no fdcluster-ready line"):
-            start_target(spec)
+            reaper.start(spec)
 
-    def test_missing_executable_is_a_startup_error(self) -> None:
+    def test_missing_executable_is_a_startup_error(self, reaper: Reaper) -> None:
         with pytest.raises(TargetStartupError, match="cannot run it"):
-            start_target(TargetSpec(["/nonexistent/fdcluster-server", "{port}"], workers=1))
+            reaper.start(TargetSpec(["/nonexistent/fdcluster-server", "{port}"], workers=1))
 
     def test_readiness_line_gives_port_and_control(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
         running = reaper.start(python_spec(prefork("--port", "0", "--ready-line", port=False), workers=2))
@@ -461,19 +517,21 @@ class TestReadiness:
                 assert client.call("ping", 1) == 1
 
     def test_port_taken_every_time_gives_up_with_the_ports_tried(
-        self, prefork: Callable[..., List[str]], monkeypatch: pytest.MonkeyPatch
+        self, reaper: Reaper, prefork: Callable[..., List[str]], monkeypatch: pytest.MonkeyPatch
     ) -> None:
         with socket.create_server(("127.0.0.1", 0)) as squatter:
             busy = squatter.getsockname()[1]
             monkeypatch.setattr(target, "_free_port", lambda host: busy)
             with pytest.raises(TargetStartupError) as info:
-                start_target(python_spec(prefork(), workers=1))
+                reaper.start(python_spec(prefork(), workers=1))
         assert info.value.port_in_use
         assert f"ports tried, each reported in use: {busy}, {busy}, {busy}, {busy}" in str(info.value)
 
 
 class TestStop:
-    def test_clean_stop_frees_port_and_leaves_no_process(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+    def test_clean_stop_frees_port_and_leaves_no_process(
+        self, reaper: Reaper, prefork: Callable[..., List[str]]
+    ) -> None:
         running = reaper.start(python_spec(prefork(), workers=3))
         seen = reaper.track(running.master_pid, *running.worker_pids())
         port = running.port
@@ -555,7 +613,9 @@ class TestStop:
 
 @linux_only
 class TestOrphanGuard:
-    def test_guard_pipe_is_not_inherited_by_the_target(self, reaper: Reaper, prefork: Callable[..., List[str]]) -> None:
+    def test_guard_pipe_is_not_inherited_by_the_target(
+        self, reaper: Reaper, prefork: Callable[..., List[str]]
+    ) -> None:
         running = reaper.start(python_spec(prefork(), workers=2))
         write_fd = target._guard_link.write_fd
         assert write_fd is not None
@@ -603,8 +663,8 @@ class TestOrphanGuard:
         sleeper = [sys.executable, "-c", "import os, time; os.fork(); time.sleep(60)"]
         watched = reaper.popen(sleeper, start_new_session=True)
         forgotten = reaper.popen(sleeper, start_new_session=True)
-        watched_procs = wait_until(lambda: len(guard.session_pids([watched.pid])) == 2 and guard.session_pids([watched.pid]), "the watched session to fork")
-        forgotten_procs = wait_until(lambda: len(guard.session_pids([forgotten.pid])) == 2 and guard.session_pids([forgotten.pid]), "the forgotten session to fork")
+        watched_procs = wait_until(lambda: session_of_two(watched.pid), "the watched session to fork")
+        forgotten_procs = wait_until(lambda: session_of_two(forgotten.pid), "the forgotten session to fork")
         watched_seen = reaper.track(*watched_procs)
         forgotten_seen = reaper.track(*forgotten_procs)
 

@@ -148,6 +148,7 @@ class ScriptedServer:
 
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
+    """A scripted server; errors from its threads are re-raised here."""
     srv = ScriptedServer()
     try:
         yield srv
@@ -159,6 +160,7 @@ def server() -> Iterator[ScriptedServer]:
 
 @pytest.fixture
 def client(server: ScriptedServer) -> Iterator[Client]:
+    """A client connected to ``server``."""
     with Client(server.address, timeout=5.0) as c:
         yield c
 
