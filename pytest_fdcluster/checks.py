@@ -209,13 +209,22 @@ def format_distribution(counts: Mapping[str, int]) -> str:
     }
     bar_width = max(len(bar) for bar in bars.values())
     lines = []
-    for label, value in counts.items():
+    for label in sorted(counts, key=_natural):
+        value = counts[label]
         columns = [f"{label:<{label_width}}", f"{bars[label]:<{bar_width}}", f"{value:>{count_width}}"]
         line = "  ".join(c for c in columns if c)  # no bar column when nobody got any work
         if value == fewest and fewest < most:
             line += f"   {FEWEST_MARK}"
         lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def _natural(label: str) -> tuple:
+    """'master' first, then 'worker 2' before 'worker 10', then anything else."""
+    name, _, number = label.rpartition(" ")
+    if number.isdigit():
+        return (1, name, int(number), label)
+    return (0 if label == "master" else 2, label, 0, label)
 
 
 def _explained(summary: str, stats: FairnessStats) -> str:
