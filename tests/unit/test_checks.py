@@ -173,7 +173,11 @@ class TestFormatDistribution:
         lines = format_distribution({"w": 1000, "worker 10": 5, "worker 2": 40}).splitlines()
         lines = [line.replace(FEWEST_MARK, "").rstrip() for line in lines]
         assert len({len(line) for line in lines}) == 1
-        assert [line.split()[0] for line in lines] == ["w", "worker", "worker"]
+        assert [line.split()[0] for line in lines] == ["worker", "worker", "w"]
+
+    def test_workers_are_listed_in_natural_order(self):
+        lines = format_distribution({"worker 10": 1, "worker 2": 1, "master": 0, "worker 0": 1}).splitlines()
+        assert [line.split("  ")[0].strip() for line in lines] == ["master", "worker 0", "worker 2", "worker 10"]
 
     def test_nonzero_count_gets_at_least_one_block(self):
         lines = format_distribution({"busy": 10000, "idle": 1}).splitlines()
