@@ -149,13 +149,12 @@ class Client:
 
     def _fill(self, deadline: float, timeout: float, awaiting: str) -> bytes:
         """Receive one chunk before ``deadline``; b"" means end of stream."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise self._timeout(awaiting, timeout)
+        # An expired deadline still gets one non-blocking read: data already here is not a timeout.
+        remaining = max(0.0, deadline - time.monotonic())
         self._sock.settimeout(remaining)
         try:
             return self._sock.recv(_RECV_SIZE)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             raise self._timeout(awaiting, timeout) from None
 
     def _timeout(self, awaiting: str, timeout: float) -> ClientTimeout:

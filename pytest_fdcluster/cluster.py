@@ -59,6 +59,7 @@ class Cluster:
         self.baseline: Optional[observe.Snapshot] = None
         self.final: Optional[observe.Snapshot] = None
         self.final_stats: Optional[Dict[str, Any]] = None
+        self._labels: Optional[Dict[int, str]] = None
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} master={self.master} workers={self.workers}>"
@@ -85,17 +86,24 @@ class Cluster:
         return self.settings.is_reference
 
     def labels(self) -> Dict[int, str]:
-        """pid -> 'master' / 'worker N': the reference server's own indexes, else by age."""
+        """pid -> 'master' / 'worker N': the reference server's own indexes, else by age.
+
+        Cached until the set of live workers changes, so observing stays cheap.
+        """
+        workers = self.workers
+        if self._labels is not None and set(workers) <= set(self._labels):
+            return dict(self._labels)
         labels = {self.master: observe.MASTER}
-        stats = self.stats() if self.target.control else None
-        if stats:
-            for worker in stats["workers"]:
-                if worker.get("pid"):
-                    labels[worker["pid"]] = observe.worker_label(worker["index"])
-            return labels
-        for index, pid in enumerate(self.workers):
-            labels[pid] = observe.worker_label(index)
-        return labels
+        table = self._control("workers") if self.target.control else None
+        if table:
+            for worker in table:
+                labels[worker["pid"]] = observe.worker_label(worker["index"])
+        if not table or not set(workers) <= set(labels):
+            labels = {self.master: observe.MASTER}
+            for index, pid in enumerate(workers):
+                labels[pid] = observe.worker_label(index)
+        self._labels = labels
+        return dict(labels)
 
     def worker_pid(self, worker: WorkerRef) -> int:
         """A worker's pid from its pid, its index among live workers, or its label ('worker 1')."""
@@ -124,6 +132,9 @@ class Cluster:
 
     def stats(self) -> Optional[Dict[str, Any]]:
         """The reference server's own counters (None for targets without a control socket)."""
+        return self._control("stats")
+
+    def _control(self, method: str) -> Any:
         address = self.target.control
         if not address:
             return None
@@ -133,7 +144,7 @@ class Cluster:
             sock.settimeout(DEFAULT_CALL_TIMEOUT)
             try:
                 sock.connect("\0" + address[1:] if address.startswith("@") else address)
-                sock.sendall(protocol.request("stats"))
+                sock.sendall(protocol.request(method))
                 # Half-close and read to EOF: the master closes its end before we return,
                 # so observing the cluster never sees our own control connection.
                 sock.shutdown(socket.SHUT_WR)
@@ -169,6 +180,8 @@ class Cluster:
         """Send ``sig`` (SIGKILL by default) to one worker; returns its pid."""
         pid = self.worker_pid(worker)
         self._signal(pid, sig)
+        if sig == signal.SIGKILL:
+            self.paused.discard(pid)
         self._record(f"{signal.Signals(sig).name} worker pid {pid}")
         return pid
 

@@ -2,13 +2,16 @@
 
 Records are built on the side that ran the test (an xdist worker, possibly)
 and travel in the teardown report's ``user_properties``, which xdist ships to
-the controller and junitxml writes as properties.  The controller gathers them
-for the terminal summary and the JSON file.
+the controller.  The process that consumes the reports (the controller, or
+the only process without xdist) takes each record out of the properties
+before junitxml sees them, so junit gets only the key figures; it gathers the
+records for the terminal summary and the JSON file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +26,8 @@ RECORD_KEY = "fdcluster.record"
 PAYLOAD_SEED = pytest.StashKey[Any]()
 CLUSTERS = pytest.StashKey[List[Cluster]]()
 SUMMARY_TITLE = "fdcluster clusters"
+REPLAY_TITLE = "fdcluster: to replay"
+REPLAY_SEED = "payload seed: {seed!r} (replay with a faker_seed fixture returning it)"
 
 
 def record_start(item: pytest.Item, cluster: Cluster) -> None:
@@ -32,19 +37,25 @@ def record_start(item: pytest.Item, cluster: Cluster) -> None:
 
 def record_stop(item: pytest.Item, cluster: Cluster, result: StopResult) -> Dict[str, Any]:
     """Build the cluster's record and attach it (and key figures) to the item's properties."""
-    record = build_record(item.nodeid, cluster, result)
+    worker = getattr(item.config, "workerinput", {}).get("workerid")
+    record = build_record(item.nodeid, cluster, result, seed=item.stash.get(PAYLOAD_SEED, None), xdist_worker=worker)
     prefix = f"fdcluster.{cluster.name.replace(' ', '_')}"
+    item.user_properties.append((f"{prefix}.port", record["address"][1]))
     item.user_properties.append((f"{prefix}.ready_ms", round(record["ready_seconds"] * 1000, 1)))
     item.user_properties.append((f"{prefix}.stop_ms", round(record["stop_seconds"] * 1000, 1)))
     if record["connections_per_worker"] is not None:
         item.user_properties.append((f"{prefix}.connections_per_worker", json.dumps(record["connections_per_worker"])))
     if record["respawns"] is not None:
         item.user_properties.append((f"{prefix}.respawns", record["respawns"]))
-    item.user_properties.append((RECORD_KEY, json.dumps(record)))
+    item.user_properties.append((f"{prefix}.clean_stop", record["stop"]["clean"]))
+    item.user_properties.append((RECORD_KEY, json.dumps(record, default=repr)))
     return record
 
 
-def build_record(nodeid: str, cluster: Cluster, result: StopResult) -> Dict[str, Any]:
+def build_record(
+    nodeid: str, cluster: Cluster, result: StopResult, seed: Any = None, xdist_worker: Optional[str] = None
+) -> Dict[str, Any]:
+    """The JSON-ready figures of one stopped cluster."""
     stats = cluster.final_stats
     per_worker = None
     respawns = None
@@ -60,6 +71,9 @@ def build_record(nodeid: str, cluster: Cluster, result: StopResult) -> Dict[str,
         "test": nodeid,
         "cluster": cluster.name,
         "target": " ".join(shlex.quote(arg) for arg in cluster.target.argv),
+        "address": list(cluster.address),
+        "xdist_worker": xdist_worker,
+        "payload_seed": seed if seed is None or isinstance(seed, (int, float, str)) else repr(seed),
         "reference": cluster.is_reference,
         "strategy": cluster.settings.strategy,
         "workers": cluster.settings.workers,
@@ -67,7 +81,7 @@ def build_record(nodeid: str, cluster: Cluster, result: StopResult) -> Dict[str,
         "stop_seconds": round(result.seconds, 4),
         "stop": {"returncode": result.returncode, "master_killed": result.master_killed,
                  "survivors_killed": list(result.survivors_killed), "remaining": list(result.remaining),
-                 "port_released": result.port_released},
+                 "port_released": result.port_released, "clean": result.clean},
         "connections_per_worker": per_worker,
         "fd_counts": fd_counts,
         "respawns": respawns,
@@ -82,10 +96,15 @@ def _label_order(label: str) -> tuple:
 
 def format_record(record: Dict[str, Any]) -> str:
     """The terminal summary block of one cluster."""
+    stop = record["stop"]
+    host, port = record["address"]
     lines = [f"{record['test']} [{record['cluster']}]: {record['target']}",
-             f"  ready in {record['ready_seconds'] * 1000:.0f} ms, stopped in {record['stop_seconds'] * 1000:.0f} ms"
-             + (", SIGKILL needed" if record["stop"]["master_killed"] else "")
-             + (f", respawns {record['respawns']}" if record["respawns"] is not None else "")]
+             f"  {host}:{port}" + (f" on {record['xdist_worker']}" if record.get("xdist_worker") else "")
+             + f", ready in {record['ready_seconds'] * 1000:.0f} ms, stopped in {record['stop_seconds'] * 1000:.0f} ms"
+             + (", SIGKILL needed" if stop["master_killed"] or stop["survivors_killed"] else "")
+             + ("" if stop.get("clean", True) else ", LEFT SOMETHING BEHIND")
+             + (f", respawns {record['respawns']}" if record["respawns"] is not None else "")
+             + (f", payload seed {record['payload_seed']!r}" if record.get("payload_seed") is not None else "")]
     if record["connections_per_worker"]:
         lines.append("  connections per worker:")
         lines += ["    " + line for line in checks.format_distribution(record["connections_per_worker"]).splitlines()]
@@ -102,21 +121,27 @@ class ClusterReporter:
         self.config = config
         self.records: List[Dict[str, Any]] = []
 
-    @pytest.hookimpl(hookwrapper=True)
+    @pytest.hookimpl(hookwrapper=True)  # old style on purpose: new-style wrappers need pluggy 1.1
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Any:
         outcome = yield
         report = outcome.get_result()
-        if report.failed and report.when == "call":
+        if report.failed and report.when in ("setup", "call"):
             section = replay_section(item)
             if section:
-                report.sections.append(("fdcluster: to replay", section))
+                report.sections.append((REPLAY_TITLE, section))
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "teardown":
-            return
+        if report.when != "teardown" or hasattr(self.config, "workerinput"):
+            return  # an xdist worker leaves the records in place: they travel to the controller
+        kept = []
         for key, value in report.user_properties:
             if key == RECORD_KEY:
                 self.records.append(json.loads(value))
+            else:
+                kept.append((key, value))
+        # tryfirst: junitxml, which runs after us, writes only the key figures.
+        report.user_properties = kept
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.records or not (self.config.getoption("fdcluster_report") or self.config.getoption("verbose") > 0):
@@ -129,8 +154,11 @@ class ClusterReporter:
         path = self.config.getoption("fdcluster_report_json")
         if not path or hasattr(self.config, "workerinput"):
             return  # xdist workers ship their records to the controller, which writes the file
+        # Relative to where pytest was invoked, like --junitxml, whatever the tests did to the cwd.
+        path = os.path.join(self.config.invocation_params.dir, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as out:
-            json.dump({"clusters": self.records}, out, indent=2)
+            json.dump({"clusters": self.records}, out, indent=2, default=repr)
 
 
 def replay_section(item: pytest.Item) -> str:
@@ -138,7 +166,7 @@ def replay_section(item: pytest.Item) -> str:
     lines = []
     seed = item.stash.get(PAYLOAD_SEED, None)
     if seed is not None:
-        lines.append(f"payload seed: {seed!r} (replay with a faker_seed fixture returning it)")
+        lines.append(REPLAY_SEED.format(seed=seed))
     for cluster in item.stash.get(CLUSTERS, []):
         lines.append(f"{cluster.name}: {' '.join(shlex.quote(arg) for arg in cluster.target.argv)}")
         for at, what in cluster.events:

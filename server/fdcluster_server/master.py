@@ -468,6 +468,10 @@ class Master:
                 continue
             if method == "stats":
                 self.start_stats_query(client)
+            elif method == "workers":
+                # Answered from the master's own table, so a paused worker cannot delay it.
+                table = [{"index": p.index, "pid": p.pid} for p in sorted(self.by_index.values(), key=lambda p: p.index)]
+                self.reply_control(client, protocol.response("workers", table))
             elif method == "ping":
                 self.reply_control(client, protocol.response("pong", None))
             else:

@@ -87,9 +87,12 @@ class Server:
         return sorted(c.pid for c in children if c.status() != psutil.STATUS_ZOMBIE)
 
     def owner(self, client: socket.socket) -> Optional[int]:
-        """The pid of the process holding the server side of ``client``, seen from outside."""
+        """The pid of the process holding the server side of ``client``, seen from outside.
+
+        Workers first: until the master reads the acknowledgement both hold the socket.
+        """
         local = client.getsockname()
-        for pid in [self.pid] + self.workers():
+        for pid in self.workers() + [self.pid]:
             try:
                 for conn in psutil.Process(pid).net_connections("tcp"):
                     if conn.raddr and tuple(conn.raddr) == local:
@@ -104,7 +107,10 @@ class Server:
             sock.settimeout(5)
             sock.connect("\0" + address[1:])
             sock.sendall(protocol.request("stats"))
-            return recv_frame(sock)["result"]
+            sock.shutdown(socket.SHUT_WR)  # the master closes its end on EOF: nothing lingers in it
+            reply = recv_frame(sock)["result"]
+            assert sock.recv(1) == b""
+            return reply
 
     def kill(self) -> None:
         try:

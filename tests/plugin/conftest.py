@@ -1,0 +1,36 @@
+"""Fixtures for the plugin's end-to-end tests: pytester, a clean environment, a reaper of processes."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+
+from plugin_test_support import REPO_ROOT, Reaper
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True)
+def inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment inner pytest runs inherit.
+
+    The repository goes first on PYTHONPATH, so an inner run imports this
+    checkout whatever its working directory (an editable install made before
+    a package gained its ``__init__.py`` maps it as a namespace package).  An
+    outer xdist worker's variables must not make an inner run think it is one.
+    """
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Kill and reap, at teardown, every process the test registered."""
+    tracked = Reaper()
+    try:
+        yield tracked
+    finally:
+        tracked.close()

@@ -1,0 +1,115 @@
+"""An external fdcluster target that makes teardown hard: ``python stubborn_target.py PORT WORKERS``.
+
+A shared-accept prefork server speaking the protocol (``ping`` echoes its
+params, ``pid`` answers the serving process's pid) whose master and workers
+all ignore SIGTERM, so only SIGKILL stops them.  Options:
+
+    --escape PIDFILE  before forking the workers, start a daemon outside the
+                      target's session (setsid, double fork) that keeps the
+                      listening socket open; its pid goes to PIDFILE.  It
+                      exits by itself after ESCAPE_LIFETIME seconds.
+
+Run by the plugin's tests through ``--fdcluster-server`` or the marker's
+``server=``; never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import threading
+
+from fdcluster_server import protocol
+
+#: Upper bound on the escaped daemon's life, should the test that kills it fail first.
+ESCAPE_LIFETIME = 30
+
+
+def serve_connection(conn: socket.socket) -> None:
+    """Answer framed requests on one connection until the client closes it."""
+    decoder = protocol.FrameDecoder()
+    with conn:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for body in decoder.feed(data):
+                try:
+                    method, params = protocol.parse_request(body)
+                except protocol.ProtocolError as exc:
+                    conn.sendall(protocol.error(str(exc)))
+                    continue
+                if method == "ping":
+                    conn.sendall(protocol.response(protocol.OUT_PONG, params))
+                elif method == "pid":
+                    conn.sendall(protocol.response("ok", os.getpid()))
+                else:
+                    conn.sendall(protocol.error(f"unknown method {method!r}"))
+            if decoder.failure is not None:
+                return
+
+
+def accept_forever_in_worker(listener: socket.socket) -> None:
+    """Worker body (runs in the forked child): accept and serve, one thread per connection."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
+
+
+def escape_with_listener(pidfile: str) -> None:
+    """Leave a daemon holding the listening socket outside the session; write its pid."""
+    intermediate = os.fork()
+    if intermediate:
+        os.waitpid(intermediate, 0)  # reaped: the daemon is nobody's descendant any more
+        return
+    # In the intermediate child: a new session, one more fork, then exit.
+    os.setsid()
+    daemon = os.fork()
+    if daemon:
+        with open(pidfile + ".tmp", "w") as out:
+            out.write(str(daemon))
+        os.replace(pidfile + ".tmp", pidfile)
+        os._exit(0)
+    # In the daemon: keep the listener; let go of the target's stdio so its readers see EOF.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    signal.alarm(ESCAPE_LIFETIME)
+    while True:
+        signal.pause()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", type=int)
+    parser.add_argument("workers", type=int)
+    parser.add_argument("--escape", metavar="PIDFILE")
+    args = parser.parse_args()
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by every fork below
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", args.port))
+    listener.listen(128)
+    if args.escape:
+        escape_with_listener(args.escape)
+    for _ in range(args.workers):
+        if os.fork() == 0:
+            try:
+                accept_forever_in_worker(listener)
+            finally:
+                os._exit(0)
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    main()

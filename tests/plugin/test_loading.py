@@ -1,0 +1,284 @@
+"""Loading the plugin, its options and ini settings, and the fdcluster marker.
+
+Runs that only parse options or resolve settings stay in process; anything
+that starts a cluster runs pytest in a subprocess.
+"""
+
+from __future__ import annotations
+
+import pytest
+from plugin_test_support import literal, run_subprocess, stubborn_command
+
+from pytest_fdcluster import plugin, settings
+
+USES_SETTINGS = """
+def test_settings(fdcluster_settings):
+    assert fdcluster_settings.workers >= 1
+"""
+
+
+def header(workers: int = settings.DEFAULT_WORKERS, strategy: str = settings.DEFAULT_STRATEGY,
+           timeout: float = settings.DEFAULT_STARTUP_TIMEOUT, grace: float = settings.DEFAULT_GRACE) -> str:
+    """The report header line the plugin prints for these settings (reference server)."""
+    return plugin.HEADER.format(target=plugin.HEADER_REFERENCE.format(strategy=strategy), workers=workers,
+                                timeout=timeout, grace=grace, seed=plugin.HEADER_SEED.format(seed=0))
+
+
+def header_lines(result: pytest.RunResult) -> list:
+    return [line for line in result.outlines if line.startswith("fdcluster: target ")]
+
+
+class TestLoading:
+    def test_p_loads_it_with_autoload_off(self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+        pytester.makepyfile(USES_SETTINGS)
+        result = run_subprocess(pytester, "-p", plugin.ENTRY_POINT)
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([header()])
+
+    def test_autoload_off_without_p_leaves_it_out(self, pytester: pytest.Pytester,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+        pytester.makepyfile(USES_SETTINGS)
+        result = run_subprocess(pytester)
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(["*fixture 'fdcluster_settings' not found*"])
+        assert header_lines(result) == []
+
+    @pytest.mark.parametrize("how", ["-p fdcluster", "-p pytest_fdcluster.plugin", "conftest pytest_plugins"])
+    def test_loading_it_again_with_autoload_on_registers_it_once(self, pytester: pytest.Pytester, how: str) -> None:
+        pytester.makepyfile(USES_SETTINGS)
+        if how.startswith("-p"):
+            args = how.split()
+        else:
+            pytester.makeconftest("pytest_plugins = ['pytest_fdcluster.plugin']")
+            args = []
+        result = run_subprocess(pytester, *args)
+        result.assert_outcomes(passed=1)
+        assert header_lines(result) == [header()]
+
+    def test_no_fdcluster_disables_it(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile(USES_SETTINGS)
+        result = pytester.runpytest_inprocess("-p", f"no:{plugin.ENTRY_POINT}")
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(["*fixture 'fdcluster_settings' not found*"])
+        assert header_lines(result) == []
+
+    def test_strict_markers_and_warnings_as_errors_are_clean(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile("""
+            import pytest
+
+            @pytest.mark.fdcluster(workers=3, strategy="least-connections")
+            def test_marked(fdcluster_settings):
+                assert fdcluster_settings.workers == 3
+        """)
+        result = pytester.runpytest_inprocess("--strict-markers", "-W", "error")
+        result.assert_outcomes(passed=1)
+        assert "warnings" not in result.parseoutcomes()
+
+    def test_help_lists_options_and_ini_settings(self, pytester: pytest.Pytester) -> None:
+        result = pytester.runpytest_inprocess("--help")
+        result.stdout.fnmatch_lines([
+            "fdcluster: prefork clusters as fixtures:",
+            "  --fdcluster-server=SERVER",
+            "  --fdcluster-workers=WORKERS",
+            f"*{settings.HELP_WORKERS}",
+            "  --fdcluster-startup-timeout=STARTUP_TIMEOUT",
+            "  --fdcluster-strategy=STRATEGY",
+            "  --fdcluster-grace=GRACE",
+            f"  --fdcluster-report    {settings.HELP_REPORT}",
+            "  --fdcluster-report-json=PATH",
+        ])
+        result.stdout.fnmatch_lines([
+            "  fdcluster_server (*):",
+            "  fdcluster_workers (*):",
+            f"*{settings.HELP_WORKERS}",
+            "  fdcluster_startup_timeout (*):",
+            "  fdcluster_strategy (*):",
+            "  fdcluster_grace (*):",
+        ])
+
+    def test_markers_lists_the_marker_with_its_signature(self, pytester: pytest.Pytester) -> None:
+        result = pytester.runpytest_inprocess("--markers")
+        result.stdout.fnmatch_lines([f"@pytest.mark.{plugin.MARKER_HELP}"])
+        assert plugin.MARKER_HELP.startswith("fdcluster(workers=None, server=None, **settings): ")
+
+
+class TestOptions:
+    @pytest.mark.parametrize("source", ["command line", "ini"])
+    def test_options_and_ini_reach_the_header(self, pytester: pytest.Pytester, source: str) -> None:
+        values = {"workers": "3", "startup_timeout": "7", "grace": "0.5", "strategy": "least-connections"}
+        if source == "ini":
+            pytester.makeini("[pytest]\n" + "".join(f"fdcluster_{k} = {v}\n" for k, v in values.items()))
+            args = []
+        else:
+            args = [arg for k, v in values.items() for arg in (f"--fdcluster-{k.replace('_', '-')}", v)]
+        pytester.makepyfile(USES_SETTINGS)
+        result = pytester.runpytest_inprocess(*args)
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([header(workers=3, strategy="least-connections", timeout=7, grace=0.5)])
+
+    def test_strategy_reaches_the_reference_server(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile("""
+            import pytest
+
+            def test_from_command_line(fdcluster):
+                assert fdcluster.target.ready_info["strategy"] == "least-connections"
+
+            @pytest.mark.fdcluster(strategy="shared-accept")
+            def test_from_marker(fdcluster):
+                assert fdcluster.target.ready_info["strategy"] == "shared-accept"
+        """)
+        result = run_subprocess(pytester, "--fdcluster-strategy", "least-connections")
+        result.assert_outcomes(passed=2)
+
+    @pytest.mark.parametrize("source", ["command line", "ini"])
+    def test_server_runs_an_external_target(self, pytester: pytest.Pytester, source: str) -> None:
+        command = stubborn_command()
+        if source == "ini":
+            pytester.makeini(f"[pytest]\nfdcluster_server = {command}\nfdcluster_workers = 3\nfdcluster_grace = 0.2\n")
+            args = []
+        else:
+            args = ["--fdcluster-server", command, "--fdcluster-workers", "3", "--fdcluster-grace", "0.2"]
+        pytester.makepyfile("""
+            def test_external(fdcluster):
+                assert not fdcluster.is_reference and fdcluster.stats() is None
+                assert fdcluster.call("ping", {"n": 1}) == {"n": 1}
+                assert len(fdcluster.workers) == 3
+        """)
+        result = run_subprocess(pytester, "--fdcluster-report", *args)
+        result.assert_outcomes(passed=1)
+        # It ignores SIGTERM: the summary says the grace ran out and SIGKILL was needed.
+        result.stdout.fnmatch_lines([f"fdcluster: target {command}, 3 workers*",
+                                     "*SIGKILL needed*"])
+
+    @pytest.mark.parametrize(("source", "label"), [
+        ("marker", "marker"),
+        ("command line", "--fdcluster-workers"),
+        ("pytest.ini", "pytest.ini (fdcluster_workers)"),
+        ("pyproject.toml", "pyproject.toml (fdcluster_workers)"),
+        ("-o", f"{plugin.OVERRIDE_INI_LABEL} (fdcluster_workers)"),
+    ])
+    def test_bad_value_names_its_source(self, pytester: pytest.Pytester, source: str, label: str) -> None:
+        args = []
+        if source == "marker":
+            pytester.makepyfile("""
+                import pytest
+
+                @pytest.mark.fdcluster(workers="x")
+                def test_bad(fdcluster):
+                    pass
+            """)
+        else:
+            pytester.makepyfile("def test_bad(fdcluster):\n    pass\n")
+        if source == "command line":
+            args = ["--fdcluster-workers", "x"]
+        elif source == "pytest.ini":
+            pytester.makefile(".ini", pytest="[pytest]\nfdcluster_workers = x\n")
+        elif source == "pyproject.toml":
+            pytester.makepyprojecttoml("[tool.pytest.ini_options]\nfdcluster_workers = 'x'\n")
+        elif source == "-o":
+            pytester.makefile(".ini", pytest="[pytest]\nfdcluster_workers = 2\n")
+            args = ["-o", "fdcluster_workers=x"]
+        result = pytester.runpytest_inprocess(*args)
+        result.assert_outcomes(errors=1)
+        problem = settings.INVALID_VALUE.format(name="workers", value="x", source=label)
+        result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {problem}: expected a positive integer"])
+
+    @pytest.mark.skipif(pytest.version_tuple < (9, 2), reason="native TOML types for plugin ini options need pytest 9.2")
+    def test_native_toml_numbers(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyprojecttoml("[tool.pytest]\nfdcluster_workers = 3\nfdcluster_grace = 1\n"
+                                   "fdcluster_startup_timeout = 2.5\n")
+        pytester.makepyfile(USES_SETTINGS)
+        result = pytester.runpytest_inprocess()
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([header(workers=3, timeout=2.5, grace=1)])
+
+    @pytest.mark.parametrize(("option", "value", "expected"), [
+        ("startup-timeout", "0", "expected a positive number"),
+        ("grace", "-1", "expected a non-negative number"),
+        ("strategy", "fastest", "choose one of round-robin, least-connections, shared-accept"),
+    ])
+    def test_bad_option_values(self, pytester: pytest.Pytester, option: str, value: str, expected: str) -> None:
+        pytester.makepyfile(USES_SETTINGS)
+        result = pytester.runpytest_inprocess(f"--fdcluster-{option}", value)
+        result.assert_outcomes(errors=1)
+        problem = settings.INVALID_VALUE.format(name=option.replace("-", "_"), value=value,
+                                                source=f"--fdcluster-{option}")
+        result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {problem}: {expected}"])
+        # The header says so too, before any test runs.
+        result.stdout.fnmatch_lines([f"{plugin.SETTINGS_INVALID}: {problem}*"])
+
+
+class TestMarker:
+    # (ini, command line, marker) workers -> expected for an unmarked and a marked test.
+    @pytest.mark.parametrize(("ini", "cli", "unmarked", "marked"), [
+        (None, None, settings.DEFAULT_WORKERS, 1),  # marker over default
+        (3, None, 3, 1),  # ini over default, marker over ini
+        (3, 1, 1, 2),  # command line over ini, marker over command line
+    ])
+    def test_precedence(self, pytester: pytest.Pytester, ini, cli, unmarked: int, marked: int) -> None:
+        if ini is not None:
+            pytester.makeini(f"[pytest]\nfdcluster_workers = {ini}\n")
+        pytester.makepyfile(f"""
+            import pytest
+
+            def test_unmarked(fdcluster):
+                assert len(fdcluster.workers) == {unmarked}
+
+            @pytest.mark.fdcluster(workers={marked})
+            def test_marked(fdcluster):
+                assert len(fdcluster.workers) == {marked}
+
+            @pytest.mark.fdcluster(workers=3, idle_timeout=0.5)
+            class TestClassMarker:
+                @pytest.mark.fdcluster(workers={marked})
+                def test_closest_marker_wins(self, fdcluster):
+                    assert len(fdcluster.workers) == {marked}
+                    # Keywords of the class marker the function's does not override still apply.
+                    assert "--idle-timeout" in fdcluster.target.argv
+        """)
+        result = run_subprocess(pytester, *(["--fdcluster-workers", str(cli)] if cli is not None else []))
+        result.assert_outcomes(passed=3)
+
+    @pytest.mark.parametrize(("mark", "problem"), [
+        ("fdcluster(3)", "Invalid marker arguments (3,) from marker: use keywords, e.g. fdcluster(workers=3)"),
+        ("fdcluster(wokers=3)", "Invalid setting 'wokers' from marker: known settings are *"),
+        ("fdcluster(workers=2.5)", settings.INVALID_VALUE.format(name="workers", value=2.5, source="marker")
+         + ": expected a positive integer"),
+        ("fdcluster(workers=True)", settings.INVALID_VALUE.format(name="workers", value=True, source="marker")
+         + ": expected a positive integer"),
+        ("fdcluster(max_frame='big')", settings.INVALID_VALUE.format(name="max_frame", value="big", source="marker")
+         + ": expected a positive integer"),
+        ("fdcluster(server='srv {port}', strategy='shared-accept')",
+         "Invalid strategy from marker: reference-server settings do not apply to the external target 'srv {port}'"),
+    ])
+    def test_bad_marker(self, pytester: pytest.Pytester, mark: str, problem: str) -> None:
+        pytester.makepyfile(f"""
+            import pytest
+
+            @pytest.mark.{mark}
+            def test_bad(fdcluster):
+                pass
+        """)
+        result = pytester.runpytest_inprocess()
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {problem}"])
+
+    def test_factory_keywords_override_the_marker(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile("""
+            import pytest
+
+            @pytest.mark.fdcluster(workers=3)
+            def test_factory(fdcluster_factory):
+                assert len(fdcluster_factory.start().workers) == 3
+                assert len(fdcluster_factory.start(workers=1).workers) == 1
+
+            @pytest.mark.fdcluster(workers=3)
+            def test_bad_factory_keyword(fdcluster_factory):
+                fdcluster_factory.start(workers=0)
+        """)
+        result = run_subprocess(pytester)
+        result.assert_outcomes(passed=1, failed=1)
+        problem = settings.INVALID_VALUE.format(name="workers", value=0, source=plugin.FACTORY_LABEL)
+        result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {literal(problem)}: expected a positive integer"])
