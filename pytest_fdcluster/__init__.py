@@ -24,11 +24,13 @@ from .client import Client, ClientError, ClientTimeout, ConnectionClosed, Remote
 from .cluster import Cluster, ClusterError, process_alive, wait_until
 from .observe import Snapshot, snapshot
 
+from . import faults, load  # noqa: E402  (they build on the names above)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ConnectionClosed",
     "FairnessError", "FdLeakError", "RemoteError", "Snapshot", "assert_fair", "assert_master_holds_no_clients",
     "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
-    "format_distribution", "process_alive", "snapshot", "wait_until",
+    "faults", "format_distribution", "load", "process_alive", "snapshot", "wait_until",
 ]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_fdcluster import ClusterError, assert_fair, assert_round_robin, fairness, wait_until
+from pytest_fdcluster import ClusterError, assert_fair, assert_round_robin, fairness, load, wait_until
 
 PER_WORKER = 4
 ANSWER_TIMEOUT = 5.0
+SHARED_ACCEPT_CONNECTIONS = 300
 
 
 def sequential_distribution(cluster, per_worker=PER_WORKER):
@@ -92,13 +93,19 @@ def test_paused_worker_is_not_handed_more_than_its_share(fdcluster):
             client.close()
 
 
-@pytest.mark.xfail(reason="shared accept: waiters in epoll are woken most-recent-first, so load piles up", strict=False)
 def test_shared_accept_imbalance_is_measured(fdcluster_factory, record_property):
-    cluster = fdcluster_factory.start(strategy="shared-accept") if fdcluster_factory.is_reference else None
-    if cluster is None:
+    if not fdcluster_factory.is_reference:
         pytest.skip("shared-accept is a strategy of the reference server; the target decides its own dispatch")
-    counts = sequential_distribution(cluster, per_worker=6)
+    cluster = fdcluster_factory.start(strategy="shared-accept")
+    result = load.run_load(cluster.address, clients=1, keepalive=False, requests=SHARED_ACCEPT_CONNECTIONS, timeout=ANSWER_TIMEOUT)
+    assert result.requests_ok == SHARED_ACCEPT_CONNECTIONS, f"liveness: shared-accept run: {result}"
+    counts = {f"worker {w['index']}": w["accepted"] for w in cluster.stats()["workers"]}
     stats = fairness(counts)
     record_property("shared_accept_jain", round(stats.jain, 3))
     record_property("shared_accept_max_min_ratio", stats.max_min_ratio)
-    assert_round_robin(counts, tolerance=1)
+    record_property("shared_accept_counts", counts)
+    if stats.spread > 1:
+        # The figure is the point: shown by -rx, kept in junit properties, never a silent pass.
+        pytest.xfail(f"shared-accept imbalance measured over {stats.total} connections: "
+                     + ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
+                     + f"; spread {stats.spread}, Jain {stats.jain:.3f}, max/min {stats.max_min_ratio:.2f}")

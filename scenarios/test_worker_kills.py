@@ -102,11 +102,12 @@ def test_worker_killed_before_acknowledging_handoffs(fdcluster):
     kill = faults.kill_during_handoff(fdcluster, worker=0, connections=4)
     with kill:
         answers = kill.answers(ANSWER_TIMEOUT)
-        lost = [(i, outcome) for i, outcome in answers if not isinstance(outcome, dict) or outcome.get("result") != i]
+        lost = [(i, outcome) for i, outcome in answers
+                if not isinstance(outcome, dict) or outcome.get("result") != kill.params[i]]
         assert not lost, (
             f"nothing lost: {len(lost)} of {len(answers)} connections accepted but not yet acknowledged by "
-            f"frozen worker pid {kill.pid} were lost when it was killed: " + "; ".join(f"client {i}: {o!r}" for i, o in lost))
-    replaced(fdcluster, kill.pid)
+            f"frozen worker pid {kill.frozen_pid} were lost when it was killed: " + "; ".join(f"client {i}: {o!r}" for i, o in lost))
+    replaced(fdcluster, kill.frozen_pid)
 
 
 def test_all_workers_killed(fdcluster):

@@ -17,8 +17,9 @@ this module with fakes.
 from __future__ import annotations
 
 import errno
+import time
 from collections import deque
-from typing import Deque, Dict, Iterable, List, Optional, Protocol
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Protocol
 
 ROUND_ROBIN = "round-robin"
 LEAST_CONNECTIONS = "least-connections"
@@ -46,7 +47,7 @@ class Channel(Protocol):
 class WorkerSlot:
     """The master's view of one live worker."""
 
-    __slots__ = ("index", "pid", "channel", "unacked", "active", "handed", "acked", "rejected")
+    __slots__ = ("index", "pid", "channel", "unacked", "active", "handed", "acked", "rejected", "full_since")
 
     def __init__(self, index: int, pid: int, channel: Channel) -> None:
         self.index = index
@@ -57,6 +58,7 @@ class WorkerSlot:
         self.handed = 0
         self.acked = 0
         self.rejected = 0
+        self.full_since: Optional[float] = None  # when its window filled up; None while it has room
 
     @property
     def load(self) -> int:
@@ -69,12 +71,24 @@ class WorkerSlot:
 class Dispatcher:
     """Hands accepted sockets to workers by strategy, keeping each until acknowledged."""
 
-    def __init__(self, strategy: str = ROUND_ROBIN, window: int = 4, max_pending: int = 1024) -> None:
+    def __init__(
+        self,
+        strategy: str = ROUND_ROBIN,
+        window: int = 4,
+        max_pending: int = 1024,
+        skip_after: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.window = window
         self.max_pending = max_pending
+        # Round-robin waits this long for a busy worker's acknowledgement before passing it
+        # over: long enough that a worker merely descheduled keeps its turn (exact rotation
+        # under bursts), short enough that a frozen one stalls its queue only briefly.
+        self.skip_after = skip_after
+        self.clock = clock
         self.workers: Dict[int, WorkerSlot] = {}  # index -> slot: all live workers
         self.pending: Deque[tuple] = deque()  # (conn_id, connection) waiting for a worker
         self._cursor = 0  # round-robin position, as a worker index
@@ -135,6 +149,8 @@ class Dispatcher:
             return False
         worker.unacked[conn_id] = conn
         worker.handed += 1
+        if len(worker.unacked) >= self.window and worker.full_since is None:
+            worker.full_since = self.clock()
         return True
 
     # -- what workers say back --------------------------------------------------
@@ -151,6 +167,8 @@ class Dispatcher:
             conn.close()
             worker.acked += 1
             worker.active += 1
+        if len(worker.unacked) < self.window:
+            worker.full_since = None
         self.distribute()
 
     def reject(self, index: int, conn_ids: Iterable[int]) -> None:
@@ -163,6 +181,8 @@ class Dispatcher:
             if conn is not None:
                 worker.rejected += 1
                 self.pending.appendleft((conn_id, conn))
+        if len(worker.unacked) < self.window:
+            worker.full_since = None
         self.distribute()
 
     def closed(self, index: int, count: int) -> None:
@@ -185,6 +205,13 @@ class Dispatcher:
         """Client sockets the master holds: pending plus handed and unacknowledged."""
         return len(self.pending) + sum(len(w.unacked) for w in self.workers.values())
 
+    def next_deadline(self) -> Optional[float]:
+        """When a waiting round-robin turn expires (the caller calls ``distribute`` then), if ever."""
+        if not self.pending or self.strategy != ROUND_ROBIN:
+            return None
+        stalled = [w.full_since for w in self.workers.values() if w.full_since is not None]
+        return min(stalled) + self.skip_after if stalled else None
+
     def close_all(self) -> None:
         """Close every socket the master still holds (fast shutdown)."""
         while self.pending:
@@ -201,13 +228,22 @@ class Dispatcher:
         order = sorted(self.workers)
         # Start just after the last worker served, so ties rotate.
         start = next((i for i, index in enumerate(order) if index >= self._cursor), 0)
-        rotation = order[start:] + order[:start]
-        candidates = [self.workers[i] for i in rotation if len(self.workers[i].unacked) < self.window]
-        if not candidates:
-            return None
+        rotation = [self.workers[i] for i in order[start:] + order[:start]]
         if self.strategy == LEAST_CONNECTIONS:
-            chosen = min(candidates, key=lambda w: w.load)  # min keeps the first of equals
+            candidates = [w for w in rotation if len(w.unacked) < self.window]
+            chosen = min(candidates, key=lambda w: w.load) if candidates else None  # min keeps the first of equals
         else:
-            chosen = candidates[0]
-        self._cursor = chosen.index + 1
+            chosen = self._next_in_turn(rotation)
+        if chosen is not None:
+            self._cursor = chosen.index + 1
         return chosen
+
+    def _next_in_turn(self, rotation: List[WorkerSlot]) -> Optional[WorkerSlot]:
+        now = None
+        for worker in rotation:
+            if len(worker.unacked) < self.window:
+                return worker
+            now = self.clock() if now is None else now
+            if now - worker.full_since < self.skip_after:
+                return None  # its acknowledgement is probably on the way: keep its turn
+        return None  # every worker is full

@@ -179,6 +179,8 @@ class Master:
                 continue
             self.reap_workers()
             self.respawn_due_workers()
+            if self.dispatcher.pending:
+                self.dispatcher.distribute()  # a stalled worker's turn may have expired
             self.announce_ready()
             self.manage_accepting()
             self.expire_queries()
@@ -186,6 +188,9 @@ class Master:
     def next_timeout(self) -> float:
         now = time.monotonic()
         deadlines = list(self.respawn_at.values()) + [q.deadline for q in self.queries.values()]
+        turn = self.dispatcher.next_deadline()
+        if turn is not None:
+            deadlines.append(turn)
         if self.stopping:
             deadlines.append(self.stop_deadline)
         if not deadlines:

@@ -9,7 +9,17 @@ import pytest
 
 from plugin_test_support import REPO_ROOT, Reaper
 
-pytest_plugins = ["pytester"]
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Load pytester, as ``pytest_plugins = ["pytester"]`` would.
+
+    pytest refuses ``pytest_plugins`` in a conftest below the rootdir once
+    configuration is done, which is the case when the whole suite runs
+    (``pytest`` from the repository root).  This hook is historic, so it runs
+    when this conftest is registered, however late.
+    """
+    if not config.pluginmanager.has_plugin("pytester"):
+        config.pluginmanager.import_plugin("pytester")
 
 
 @pytest.fixture(autouse=True)

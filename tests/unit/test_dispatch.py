@@ -34,8 +34,16 @@ class FakeChannel:
         self.sent.append((conn_id, fd))
 
 
-def cluster(n, strategy=ROUND_ROBIN, window=4, max_pending=16):
-    d = Dispatcher(strategy, window=window, max_pending=max_pending)
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def cluster(n, strategy=ROUND_ROBIN, window=4, max_pending=16, clock=None):
+    d = Dispatcher(strategy, window=window, max_pending=max_pending, clock=clock or FakeClock())
     for i in range(n):
         d.add(WorkerSlot(i, 1000 + i, FakeChannel()))
     return d
@@ -62,13 +70,36 @@ class TestRoundRobin:
         ack_all(d)
         assert conn.closed and d.held == 0
 
-    def test_full_window_skips_the_worker(self):
-        d = cluster(2, window=1)
+    def test_busy_worker_keeps_its_turn_until_skip_after(self):
+        clock = FakeClock()
+        d = cluster(2, window=1, clock=clock)
+        d.distribute(FakeConn(0))  # worker 0, not acknowledged yet
+        d.distribute(FakeConn(1))  # worker 1
+        d.ack(1, [2])
+        d.distribute(FakeConn(2))  # worker 0's turn: it is full but only just, so wait
+        assert len(d.pending) == 1 and d.next_deadline() == pytest.approx(d.skip_after)
+        d.ack(0, [1])
+        assert d.workers[0].handed == 2 and not d.pending
+
+    def test_frozen_worker_is_skipped_after_skip_after(self):
+        clock = FakeClock()
+        d = cluster(2, window=1, clock=clock)
         d.distribute(FakeConn(0))  # worker 0, never acknowledged (frozen)
         for n in range(1, 4):
             d.distribute(FakeConn(n))
+            clock.now += d.skip_after
+            d.distribute()
             d.ack(1, list(d.workers[1].unacked))
         assert d.workers[0].handed == 1 and d.workers[1].handed == 3
+
+    def test_burst_rotates_exactly_while_acks_are_late(self):
+        d = cluster(3, window=2)
+        for n in range(12):
+            d.distribute(FakeConn(n))
+            if n % 3 == 2:
+                ack_all(d)  # acknowledgements arrive in bursts, late
+        ack_all(d)
+        assert [w.handed for w in d.workers.values()] == [4, 4, 4]
 
     def test_no_free_worker_queues_until_an_ack(self):
         d = cluster(1, window=1)
