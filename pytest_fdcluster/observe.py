@@ -270,6 +270,11 @@ class Snapshot:
         return master.tcp_connections if master is not None else []
 
     @property
+    def client_sockets(self) -> List[Tuple[ProcessView, FdInfo]]:
+        """Every connected TCP socket of every process, with the process holding it."""
+        return [(p, info) for p in self.processes.values() for info in p.tcp_connections]
+
+    @property
     def close_wait(self) -> List[Tuple[ProcessView, FdInfo]]:
         """Every socket in CLOSE_WAIT, with the process holding it."""
         return [(p, info) for p in self.processes.values() for info in p.close_wait]
