@@ -299,8 +299,14 @@ class ClusterFactory:
     def close(self) -> List[Tuple[Cluster, StopResult]]:
         """Stop every cluster (newest first); returns what each stop found."""
         results = []
+        first_error: Optional[BaseException] = None
         for cluster in reversed(self.clusters):
-            results.append((cluster, cluster.stop()))
+            try:
+                results.append((cluster, cluster.stop()))
+            except BaseException as exc:  # stop the others anyway, then say what went wrong
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
         return results
 
 

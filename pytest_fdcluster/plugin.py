@@ -234,7 +234,9 @@ class Factory:
         kwargs.update(given)
         failure = None
         try:
-            resolved = resolve_settings(self._request.config, kwargs, tuple(given)) if kwargs else self._clusters.default
+            resolved = self._clusters.default
+            if kwargs:
+                resolved = resolve_settings(self._request.config, kwargs, tuple(given))
         except SettingsError as exc:
             failure = f"{SETTINGS_INVALID}: {exc}"
         else:

@@ -16,6 +16,7 @@ this module with fakes.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import time
 from collections import deque
@@ -90,6 +91,7 @@ class Dispatcher:
         self.skip_after = skip_after
         self.clock = clock
         self.workers: Dict[int, WorkerSlot] = {}  # index -> slot: all live workers
+        self._order: List[int] = []  # their indexes, sorted: the rotation (kept by add and remove)
         self.pending: Deque[tuple] = deque()  # (conn_id, connection) waiting for a worker
         self._cursor = 0  # round-robin position, as a worker index
         self._next_id = 0
@@ -101,6 +103,7 @@ class Dispatcher:
     def add(self, worker: WorkerSlot) -> None:
         """A worker is up and may be handed connections."""
         self.workers[worker.index] = worker
+        self._order = sorted(self.workers)
         self.distribute()
 
     def remove(self, index: int) -> List[int]:
@@ -111,6 +114,7 @@ class Dispatcher:
         worker = self.workers.pop(index, None)
         if worker is None:
             return []  # already removed: the channel EOF and SIGCHLD both report a death
+        self._order = sorted(self.workers)
         orphans = list(worker.unacked.items())
         worker.unacked.clear()
         # Front of the queue, in their original order: they were accepted first.
@@ -120,12 +124,16 @@ class Dispatcher:
         self.distribute()
         return [conn_id for conn_id, _ in orphans]
 
+    def queue(self, conn: Connection) -> None:
+        """A newly accepted socket waits for a worker; the next ``distribute`` hands it out."""
+        self._next_id += 1
+        self.accepted += 1
+        self.pending.append((self._next_id, conn))
+
     def distribute(self, conn: Optional[Connection] = None) -> None:
         """Queue ``conn`` (if given) and hand out as many queued sockets as workers can take."""
         if conn is not None:
-            self._next_id += 1
-            self.accepted += 1
-            self.pending.append((self._next_id, conn))
+            self.queue(conn)
         while self.pending:
             worker = self._pick()
             if worker is None:
@@ -223,12 +231,13 @@ class Dispatcher:
 
     def _pick(self) -> Optional[WorkerSlot]:
         """The worker to hand the next socket to, or None if none can take one."""
-        if not self.workers:
+        order = self._order
+        if not order:
             return None
-        order = sorted(self.workers)
         # Start just after the last worker served, so ties rotate.
-        start = next((i for i, index in enumerate(order) if index >= self._cursor), 0)
-        rotation = [self.workers[i] for i in order[start:] + order[:start]]
+        start = bisect.bisect_left(order, self._cursor)
+        workers = self.workers
+        rotation = [workers[i] for i in order[start:] + order[:start]]
         if self.strategy == LEAST_CONNECTIONS:
             candidates = [w for w in rotation if len(w.unacked) < self.window]
             chosen = min(candidates, key=lambda w: w.load) if candidates else None  # min keeps the first of equals

@@ -56,6 +56,28 @@ class Process:
         self.ready = False
 
 
+class ClientSocket:
+    """An accepted client as the master holds it: the bare descriptor, closed once.
+
+    The master never reads or writes a client: it passes the descriptor to a
+    worker and closes its own copy.  A ``socket.socket`` would cost a
+    ``getsockname()`` and two enum conversions per connection for nothing.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
 class ControlClient:
     """One connection to the control socket."""
 
@@ -355,6 +377,8 @@ class Master:
             for record in channel.receive():
                 kind = record.kind
                 if kind == ch.ACK:
+                    if record.arg:
+                        self.dispatcher.closed(index, record.arg)
                     self.dispatcher.ack(index, record.ids())
                 elif kind == ch.CLOSED:
                     self.dispatcher.closed(index, record.arg)
@@ -381,24 +405,29 @@ class Master:
     # -- clients ----------------------------------------------------------------------
 
     def accept_clients(self, mask: int) -> None:
+        """Queue a batch of new clients, then hand them out in one pass."""
         listener = self.listener
         dispatcher = self.dispatcher
-        for _ in range(ACCEPT_BATCH):
-            if dispatcher.full:
-                return
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue  # the client gave up in the backlog
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("master %d: cannot accept: %s; pausing accepts", self.pid, exc.strerror)
-                    self.set_accepting(False)
+        try:
+            for _ in range(ACCEPT_BATCH):
+                if dispatcher.full:
                     return
-                raise
-            dispatcher.distribute(conn)
+                try:
+                    # What socket.accept() wraps: accept4(SOCK_CLOEXEC), giving the bare descriptor.
+                    fd, _ = listener._accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                        continue  # the client gave up in the backlog
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.error("master %d: cannot accept: %s; pausing accepts", self.pid, exc.strerror)
+                        self.set_accepting(False)
+                        return
+                    raise
+                dispatcher.queue(ClientSocket(fd))
+        finally:
+            dispatcher.distribute()  # once per batch, not once per client
 
     def set_accepting(self, accepting: bool) -> None:
         if accepting == self.accepting or self.listener is None:

@@ -193,11 +193,12 @@ class Worker:
         return True
 
     def report(self) -> None:
-        """Tell the master what changed this turn, in one record per kind."""
+        """Tell the master what changed this turn, in one record per kind; closes ride on an ACK."""
         try:
             if self.acks:
-                self.channel.send_ids(ch.ACK, self.acks)
+                self.channel.send_ack(self.acks, self.closed_unreported)
                 self.acks = []
+                self.closed_unreported = 0
             if self.rejects:
                 self.counters["rejected"] += len(self.rejects)
                 self.channel.send_ids(ch.REJECT, self.rejects)

@@ -348,7 +348,7 @@ class TestNodeTarget:
         running = reaper.start(node_spec(workers=3))
         workers = running.worker_pids()
         assert len(workers) == 3
-        assert running.ready_info is None and running.control is None
+        assert running.ready_info["pid"] == running.master_pid and running.control is None
         for i in range(6):
             with Client(running.address) as client:
                 assert client.call("ping", {"i": i}) == {"i": i}

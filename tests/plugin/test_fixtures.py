@@ -49,6 +49,12 @@ def test_kill_worker_by_label_with_a_signal(fdcluster):
     assert not process_alive(victim)
 
 
+def test_kill_worker_by_pid(fdcluster):
+    victim = fdcluster.workers[1]
+    assert fdcluster.kill_worker(victim) == victim
+    assert victim not in fdcluster.wait_for_workers(timeout=10, gone=[victim])
+
+
 def test_wait_for_workers_says_what_it_waited_for(fdcluster):
     with pytest.raises(ClusterError, match=r"timed out after 0.2 s waiting for 5 live workers in cluster 1"):
         fdcluster.wait_for_workers(5, timeout=0.2)
@@ -118,7 +124,7 @@ class TestFixtures:
         pytester.makeconftest(INNER_CONFTEST)
         pytester.makepyfile(FIXTURE_TESTS.format(pids=str(pids)))
         result = run_subprocess(pytester)
-        result.assert_outcomes(passed=9)
+        result.assert_outcomes(passed=10)
         # Both of the factory's clusters were stopped at the end of their test.
         assert_all_gone(read_records(pids), "the factory's clusters")
         # No -v and no --fdcluster-report: no summary.

@@ -185,7 +185,8 @@ class TestOptions:
         problem = settings.INVALID_VALUE.format(name="workers", value="x", source=label)
         result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {problem}: expected a positive integer"])
 
-    @pytest.mark.skipif(pytest.version_tuple < (9, 2), reason="native TOML types for plugin ini options need pytest 9.2")
+    @pytest.mark.skipif(pytest.version_tuple < (9, 2),
+                        reason="native TOML types for plugin ini options need pytest 9.2")
     def test_native_toml_numbers(self, pytester: pytest.Pytester) -> None:
         pytester.makepyprojecttoml("[tool.pytest]\nfdcluster_workers = 3\nfdcluster_grace = 1\n"
                                    "fdcluster_startup_timeout = 2.5\n")

@@ -188,7 +188,10 @@ class TestTeardown:
             plugin.TEARDOWN_UNCLEAN,
             plugin.LEFT_PIDS.format(cluster="cluster 1 (*fdcluster_server*)", pids=literal("[424242]")),
         ])
-        result.stdout.fnmatch_lines(["*ERROR at teardown of test_one_stop_raises*", "*RuntimeError: stop failed on purpose"])
+        result.stdout.fnmatch_lines([
+            "*ERROR at teardown of test_one_stop_raises*",
+            "*RuntimeError: stop failed on purpose",
+        ])
         # The other cluster was stopped all the same.
         assert_all_gone(read_records(pids), "both clusters of the test whose second stop raised")
 

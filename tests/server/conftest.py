@@ -84,7 +84,14 @@ class Server:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
-        return sorted(c.pid for c in children if c.status() != psutil.STATUS_ZOMBIE)
+        return sorted(c.pid for c in children if status(c) not in (None, psutil.STATUS_ZOMBIE))
+
+    def zombies(self) -> List[int]:
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        return [c.pid for c in children if status(c) == psutil.STATUS_ZOMBIE]
 
     def owner(self, client: socket.socket) -> Optional[int]:
         """The pid of the process holding the server side of ``client``, seen from outside.
@@ -120,6 +127,14 @@ class Server:
         self.proc.wait(10)
         self.proc.stdout.close()
         self.stderr_file.close()
+
+
+def status(process: psutil.Process) -> Optional[str]:
+    """A process's status, None once it is gone (it may die between listing and asking)."""
+    try:
+        return process.status()
+    except psutil.NoSuchProcess:
+        return None
 
 
 def recv_frame(sock: socket.socket, decoder: Optional[protocol.FrameDecoder] = None) -> dict:

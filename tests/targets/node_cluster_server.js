@@ -109,6 +109,22 @@ function runPrimary(options) {
   process.on('SIGTERM', () => shutdown(0));
   process.on('SIGINT', () => shutdown(0));
 
+  // Announce readiness once every worker is listening: a forked worker that has not
+  // registered with the primary's round-robin handle yet cannot be handed anything.
+  const listening = new Set();
+  let announced = false;
+  cluster.on('listening', (worker, address) => {
+    listening.add(worker.id);
+    if (announced || listening.size < options.workers) return;
+    announced = true;
+    const info = {
+      host: options.host, port: address.port, pid: process.pid,
+      workers: liveWorkers().map((w) => w.process.pid), strategy: 'node-cluster-rr', control: null,
+    };
+    process.stdout.write(`fdcluster-ready ${JSON.stringify(info)}\n`);
+  });
+  cluster.on('exit', (worker) => listening.delete(worker.id));
+
   for (let i = 0; i < options.workers; i++) spawnWorker();
   log(`forked ${options.workers} workers for ${options.host}:${options.port}`);
 }

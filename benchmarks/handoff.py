@@ -1,0 +1,93 @@
+"""Handoff cost: the master's CPU time per handed-off connection.
+
+Clients connect, send one ping, read the answer and close, from several
+processes so the client is not what limits the rate.  The figure is the
+master's CPU time (user + system, from /proc) over the run divided by the
+connections, so it does not depend on how fast the clients are.  Measured
+in the same run, round-robin and least-connections against:
+
+- the floor: ``benchmarks.floor_server``, a loop that accepts and closes
+  (the kernel's own cost of accept and close, plus the smallest Python loop);
+- Node's cluster primary (``tests/targets/node_cluster_server.js``, the same
+  protocol, ``SCHED_RR``), when ``node`` is installed.
+
+Servers are measured in turn, several rounds, in a rotating order; each
+figure is the median of its rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Tuple
+
+from pytest_fdcluster import load
+
+from . import processes
+from .figures import Figure, at_most
+
+BENCHMARK = "handoff"
+WORKERS = 2
+MAX_FLOOR_RATIO = 1.25
+MAX_NODE_RATIO = 1 / 3
+
+
+def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
+    connections = 400 if quick else 20000
+    rounds = 1 if quick else 3
+    clients, procs = (4, 1) if quick else (16, 2)
+    node = processes.node_settings(WORKERS)
+
+    with contextlib.ExitStack() as stack:
+        floor, floor_address = stack.enter_context(processes.baseline_server("floor_server"))
+        targets = [("floor", floor.pid, floor_address)]
+        for strategy in ("round-robin", "least-connections"):
+            cluster = stack.enter_context(processes.cluster(processes.reference_settings(WORKERS, strategy), strategy))
+            targets.append((strategy, cluster.master, cluster.address))
+        if node is not None:
+            cluster = stack.enter_context(processes.cluster(node, "node"))
+            targets.append(("node", cluster.master, cluster.address))
+
+        for _, _, address in targets:  # warm up: imports, first allocations, TIME_WAIT reuse
+            load.run_load(address, clients=clients, requests=min(connections, 500), keepalive=False)
+        per_connection: Dict[str, List[float]] = {name: [] for name, _, _ in targets}
+        failures: Dict[str, int] = {name: 0 for name, _, _ in targets}
+        for round_ in range(rounds):
+            order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
+            for name, pid, address in order:
+                before = processes.cpu_seconds(pid)
+                result = load.run_load(address, clients=clients, processes=procs, requests=connections, keepalive=False)
+                per_connection[name].append((processes.cpu_seconds(pid) - before) / connections)
+                if name != "floor":  # the floor answers nothing: every ping fails by design
+                    failures[name] += result.error_count
+
+    us = {name: processes.median(values) * 1e6 for name, values in per_connection.items()}
+    floor_us, node_us = us["floor"], us.get("node")
+    no_node = "" if node is not None else "node is not installed: no Node baseline"
+    figures = []
+    for strategy in ("round-robin", "least-connections"):
+        judged = strategy == "round-robin"  # the issue's targets name round-robin
+        value = us[strategy]
+        figures.append(Figure(
+            BENCHMARK, f"master CPU per connection, {strategy}", value, "us", floor_us, "accept-and-close floor",
+            target=f"<= {MAX_FLOOR_RATIO:g}x floor" if judged else "",
+            met=at_most(value / floor_us, MAX_FLOOR_RATIO) if judged else None,
+            extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection[strategy]], "failed_requests": failures[strategy]},
+        ))
+        figures.append(Figure(
+            BENCHMARK, f"master CPU per connection, {strategy}", value, "us", node_us, "Node cluster primary",
+            target="<= 1/3 of Node" if judged else "",
+            met=(at_most(value / node_us, MAX_NODE_RATIO) if node_us else None) if judged else None,
+            note=no_node,
+        ))
+    if node_us is not None:
+        figures.append(Figure(BENCHMARK, "Node cluster primary CPU per connection", node_us, "us", floor_us,
+                              "accept-and-close floor",
+                              extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection["node"]],
+                                     "failed_requests": failures["node"]}))
+    details = {
+        "connections_per_round": connections, "rounds": rounds, "clients": clients, "client_processes": procs,
+        "workers": WORKERS, "median_us": {name: round(value, 2) for name, value in us.items()},
+        "rounds_us": {name: [round(v * 1e6, 2) for v in values] for name, values in per_connection.items()},
+        "failed_requests": failures,
+    }
+    return figures, details
