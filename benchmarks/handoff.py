@@ -48,14 +48,15 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
             targets.append(("node", cluster.master, cluster.address))
 
         for _, _, address in targets:  # warm up: imports, first allocations, TIME_WAIT reuse
-            load.run_load(address, clients=clients, requests=min(connections, 500), keepalive=False)
+            load.run_load(address, clients=clients, requests=min(connections, 500), keepalive=False, payload=0)
         per_connection: Dict[str, List[float]] = {name: [] for name, _, _ in targets}
         failures: Dict[str, int] = {name: 0 for name, _, _ in targets}
         for round_ in range(rounds):
             order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
             for name, pid, address in order:
                 before = processes.cpu_seconds(pid)
-                result = load.run_load(address, clients=clients, processes=procs, requests=connections, keepalive=False)
+                result = load.run_load(address, clients=clients, processes=procs, requests=connections, keepalive=False,
+                                       payload=0)
                 per_connection[name].append((processes.cpu_seconds(pid) - before) / connections)
                 if name != "floor":  # the floor answers nothing: every ping fails by design
                     failures[name] += result.error_count

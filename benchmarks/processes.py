@@ -55,6 +55,25 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+def run_queue_seconds(pid: int) -> Tuple[float, int]:
+    """(seconds ``pid``'s threads spent runnable but waiting for a CPU, times they were scheduled in).
+
+    The second and third fields of ``/proc/PID/task/*/schedstat``; (nan, 0)
+    where the kernel does not provide them.
+    """
+    waited, slices, found = 0, 0, False
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as stat:
+                fields = stat.read().split()
+            waited += int(fields[1])
+            slices += int(fields[2])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return (waited / 1e9, slices) if found else (float("nan"), 0)
+
+
 def rss(pid: int) -> int:
     """Resident set size of ``pid`` in bytes."""
     return psutil.Process(pid).memory_info().rss
