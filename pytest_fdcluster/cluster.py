@@ -284,7 +284,8 @@ class ClusterFactory:
         """Start one cluster and wait until it is ready; raises ``TargetStartupError`` if it is not."""
         settings = settings or self.default
         spec = TargetSpec(command=list(settings.command), workers=settings.workers,
-                          startup_timeout=settings.startup_timeout, grace=settings.grace)
+                          startup_timeout=settings.startup_timeout, grace=settings.grace,
+                          ready_line=settings.ready_line)
         began = time.monotonic()
         target = start_target(spec)
         cluster = Cluster(target, settings, name or f"cluster {len(self.clusters) + 1}")

@@ -83,6 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("startup_timeout", settings.HELP_STARTUP_TIMEOUT, _ini_type(float)),
         ("strategy", settings.HELP_STRATEGY, "string"),
         ("grace", settings.HELP_GRACE, _ini_type(float)),
+        ("ready_line", settings.HELP_READY_LINE, "string"),
     ):
         group.addoption(f"--fdcluster-{name.replace('_', '-')}", dest=f"fdcluster_{name}", default=None,
                         metavar=name.upper(), help=help_text)

@@ -22,6 +22,10 @@ HELP_WORKERS = "worker processes per cluster (default: 2)"
 HELP_STARTUP_TIMEOUT = "seconds a cluster may take to become ready (default: 15)"
 HELP_STRATEGY = f"reference server's dispatch strategy: {', '.join(STRATEGIES)} (default: round-robin)"
 HELP_GRACE = "seconds between SIGTERM and SIGKILL at teardown; 0 kills at once (default: 5)"
+HELP_READY_LINE = (
+    "yes: an external target is ready only once it prints 'fdcluster-ready {json}' on stdout, "
+    "for servers whose workers register after the port accepts (default: no; the reference server always does)"
+)
 HELP_REPORT = "show per-cluster figures in the terminal summary"
 HELP_REPORT_JSON = "write per-cluster figures as JSON to this path"
 
@@ -40,7 +44,9 @@ SERVER_FLAGS = {
     "max_pending": "--max-pending",
     "handlers": "--handlers",
 }
-MARKER_KEYS = ("workers", "server", "startup_timeout", "grace") + tuple(SERVER_FLAGS)
+MARKER_KEYS = ("workers", "server", "startup_timeout", "grace", "ready_line") + tuple(SERVER_FLAGS)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 #: Every bad value is reported as this, then what was expected; ``source`` is one of the
@@ -73,6 +79,7 @@ class ClusterSettings(NamedTuple):
     grace: float
     strategy: Optional[str]  # None for an external target
     is_reference: bool
+    ready_line: bool = False  # wait for the target's fdcluster-ready line
 
     def describe(self) -> str:
         """The command template as a shell would show it."""
@@ -122,6 +129,15 @@ def _number(kind: type, name: str, value: Any, source: str, allow_zero: bool = F
     return number
 
 
+def _flag(name: str, value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise invalid(name, value, source, "expected yes or no")
+
+
 def resolve(
     marker: Mapping[str, Any],
     option: Callable[[str], Any],
@@ -160,6 +176,8 @@ def resolve(
     timeout = DEFAULT_STARTUP_TIMEOUT if timeout is None else _number(float, "startup_timeout", timeout, source)
     grace, source = lookup("grace")
     grace = DEFAULT_GRACE if grace is None else _number(float, "grace", grace, source, allow_zero=True)
+    ready_line, source = lookup("ready_line")
+    ready_line = False if ready_line is None else _flag("ready_line", ready_line, source)
     server, source = lookup("server")
     strategy, strategy_source = lookup("strategy")
 
@@ -180,7 +198,7 @@ def resolve(
             raise SettingsError(
                 f"Invalid {extra[0]} from {label_of(marker_label, extra[0])}: reference-server settings do not apply "
                 f"to the external target {server!r}")
-        return ClusterSettings(command, workers, timeout, grace, None, False)
+        return ClusterSettings(command, workers, timeout, grace, None, False, ready_line)
 
     strategy = DEFAULT_STRATEGY if strategy is None else strategy
     if strategy not in STRATEGIES:
@@ -194,4 +212,4 @@ def resolve(
         if kind is not None:
             value = _number(kind, name, value, label_of(marker_label, name))
         extra[name] = value
-    return ClusterSettings(reference_command(strategy, extra), workers, timeout, grace, strategy, True)
+    return ClusterSettings(reference_command(strategy, extra), workers, timeout, grace, strategy, True, True)

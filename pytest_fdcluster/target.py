@@ -142,6 +142,9 @@ class TargetSpec:
     host: str = "127.0.0.1"
     env: Optional[Mapping[str, str]] = None
     cwd: Optional[Union[str, "os.PathLike[str]"]] = None
+    #: Ready only once the ``fdcluster-ready`` line is seen (servers whose workers
+    #: register after the port already accepts, such as Node's cluster).
+    ready_line: bool = False
 
     def __post_init__(self) -> None:
         if not self.template():
@@ -632,7 +635,9 @@ class RunningTarget:
                     if not ping_ok:
                         accepting, ping_outcome = self._ping(address, min(remaining, PING_TIMEOUT), nonce)
                         ping_ok = ping_outcome == "ok"
-                    if ping_ok:
+                    if ping_ok and spec.ready_line and self.ready_info is None:
+                        pass  # the target said it will announce readiness: wait for the line
+                    elif ping_ok:
                         owned = True if self.ready_info is not None else self._owns_listener(address[1])
                         if owned is not False:
                             self._ready = True
@@ -660,6 +665,8 @@ class RunningTarget:
                 parts.append("port accepting")
                 parts.append("ping answered" if ping_ok else ping_outcome)
         parts.append(f"{workers_seen} of {spec.workers} workers present")
+        if spec.ready_line and self.ready_info is None and address is not None:
+            parts.append(f"no {READY_TAG.strip()} line on stdout")
         self._fail(f"did not become ready within {spec.startup_timeout} s: {', '.join(parts)}", None)
 
     def _fail(self, reason: str, returncode: Optional[int]) -> None:

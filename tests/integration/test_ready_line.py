@@ -1,0 +1,74 @@
+"""``ready_line``: a target that accepts before its workers are ready is waited for until it says so."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+
+from pytest_fdcluster.target import TargetSpec, TargetStartupError, start_target
+
+# Serves ping at once, but announces readiness only once the test creates the go file.
+LATE_ANNOUNCER = r"""
+import json, os, socket, sys, threading, time
+from fdcluster_server import protocol
+port, go = int(sys.argv[1]), sys.argv[2]
+listener = socket.create_server(("127.0.0.1", port))
+def serve(conn):
+    decoder = protocol.FrameDecoder()
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return
+        for body in decoder.feed(data):
+            conn.sendall(protocol.response("pong", protocol.parse_request(body)[1]))
+def accept():
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+threading.Thread(target=accept, daemon=True).start()
+deadline = time.monotonic() + 30
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("fdcluster-ready " + json.dumps({"host": "127.0.0.1", "port": port, "pid": os.getpid(), "workers": []}), flush=True)
+time.sleep(60)
+"""
+
+
+def spec(tmp_path, ready_line, timeout=10.0):
+    script = tmp_path / "late.py"
+    script.write_text(LATE_ANNOUNCER)
+    return TargetSpec([sys.executable, str(script), "{port}", str(tmp_path / "go")], workers=0,
+                      startup_timeout=timeout, ready_line=ready_line, grace=0)
+
+
+def test_waits_for_the_line_when_asked(tmp_path):
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("target", start_target(spec(tmp_path, True))))
+    thread.start()
+    try:
+        thread.join(0.5)  # room for a wrong implementation to return on port and ping alone
+        (tmp_path / "go").touch()
+        thread.join(15)
+        assert "target" in outcome, "start_target did not return after the readiness line"
+        # The line is printed only after the go file exists: returning earlier leaves this None.
+        assert outcome["target"].ready_info is not None
+        assert outcome["target"].ready_info["port"] == outcome["target"].port
+    finally:
+        thread.join(15)
+        if "target" in outcome:
+            assert outcome["target"].stop().clean
+
+
+def test_without_it_the_port_and_ping_suffice(tmp_path):
+    target = start_target(spec(tmp_path, False))
+    try:
+        assert target.ready_info is None
+    finally:
+        assert target.stop().clean
+
+
+def test_missing_line_is_named_in_the_timeout(tmp_path):
+    with pytest.raises(TargetStartupError, match="no fdcluster-ready line on stdout"):
+        start_target(spec(tmp_path, True, timeout=1.0))
