@@ -26,12 +26,12 @@ class TestNodeTarget:
                 victim = fdcluster.kill_worker(0)
                 workers = fdcluster.wait_for_workers(2, timeout=10, gone=[victim])
                 assert victim not in workers
-                # A respawned Node worker exists before it listens; and if the victim was the only
-                # worker registered with the primary's round-robin handle, the port closed with it.
+                # A respawned Node worker exists before it listens; readiness at start-up waited for
+                # the primary's fdcluster-ready line, but a respawn has no such line.
                 wait_until(lambda: answers(fdcluster, "again"), 10.0, lambda: "the respawned cluster to answer")
         """)
         command = node_command()
-        result = run_subprocess(pytester, "--fdcluster-server", command, "--fdcluster-report")
+        result = run_subprocess(pytester, "--fdcluster-server", command, "--fdcluster-ready-line", "yes", "--fdcluster-report")
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines([
             f"fdcluster: target {literal(command)}, 2 workers, *",
