@@ -56,6 +56,11 @@ def at_most(value: float, limit: float) -> Optional[bool]:
     return None if _bad(value) else value <= limit
 
 
+def below(value: float, limit: float) -> Optional[bool]:
+    """value < limit, or None when value is not a number."""
+    return None if _bad(value) else value < limit
+
+
 def at_least(value: float, limit: float) -> Optional[bool]:
     """value >= limit, or None when value is not a number."""
     return None if _bad(value) else value >= limit
@@ -71,7 +76,7 @@ def format_value(value: Optional[float], unit: str = "") -> str:
         text = f"{value:.1f}"
     else:
         text = f"{value:.3g}"
-    return f"{text} {unit}".strip()
+    return f"{text}x" if unit == "x" else f"{text} {unit}".strip()
 
 
 def table_rows(figures: Sequence[Figure]) -> List[List[str]]:

@@ -12,7 +12,9 @@ in the same run, round-robin and least-connections against:
   protocol, ``SCHED_RR``), when ``node`` is installed.
 
 Servers are measured in turn, several rounds, in a rotating order; each
-figure is the median of its rounds.  Every ping carries the same params,
+figure is the median of its rounds.  The same is then measured with one
+client at a time (how the issue's reference figures were taken), where no
+batching hides the cost of each wake-up; those rows have no target.  Every ping carries the same params,
 encoded once by the load generator, to keep the clients light.
 """
 
@@ -33,15 +35,36 @@ MAX_NODE_RATIO = 1 / 3
 PAYLOAD = 0
 
 
+Target = Tuple[str, int, processes.Address]  # (name, pid whose CPU is measured, address)
+
+
+def measure(targets: List[Target], connections: int, rounds: int, clients: int,
+            procs: int) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
+    """CPU seconds per connection of each target, per round, and its failed requests."""
+    per_connection: Dict[str, List[float]] = {name: [] for name, _, _ in targets}
+    failures: Dict[str, int] = {name: 0 for name, _, _ in targets}
+    for round_ in range(rounds):
+        order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
+        for name, pid, address in order:
+            before = processes.cpu_seconds(pid)
+            result = load.run_load(address, clients=clients, processes=procs, requests=connections, keepalive=False,
+                                   payload=PAYLOAD)
+            per_connection[name].append((processes.cpu_seconds(pid) - before) / connections)
+            if name != "floor":  # the floor answers nothing: every ping fails by design
+                failures[name] += result.error_count
+    return per_connection, failures
+
+
 def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
-    connections = 400 if quick else 20000
-    rounds = 1 if quick else 3
+    connections = 400 if quick else 15000
+    sequential_connections = 200 if quick else 3000
+    rounds = 1 if quick else 5
     clients, procs = (4, 1) if quick else (16, 2)
     node = processes.node_settings(WORKERS)
 
     with contextlib.ExitStack() as stack:
         floor, floor_address = stack.enter_context(processes.baseline_server("floor_server"))
-        targets = [("floor", floor.pid, floor_address)]
+        targets: List[Target] = [("floor", floor.pid, floor_address)]
         for strategy in ("round-robin", "least-connections"):
             cluster = stack.enter_context(processes.cluster(processes.reference_settings(WORKERS, strategy), strategy))
             targets.append((strategy, cluster.master, cluster.address))
@@ -51,17 +74,10 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
 
         for _, _, address in targets:  # warm up: imports, first allocations, TIME_WAIT reuse
             load.run_load(address, clients=clients, requests=min(connections, 500), keepalive=False, payload=PAYLOAD)
-        per_connection: Dict[str, List[float]] = {name: [] for name, _, _ in targets}
-        failures: Dict[str, int] = {name: 0 for name, _, _ in targets}
-        for round_ in range(rounds):
-            order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
-            for name, pid, address in order:
-                before = processes.cpu_seconds(pid)
-                result = load.run_load(address, clients=clients, processes=procs, requests=connections, keepalive=False,
-                                       payload=PAYLOAD)
-                per_connection[name].append((processes.cpu_seconds(pid) - before) / connections)
-                if name != "floor":  # the floor answers nothing: every ping fails by design
-                    failures[name] += result.error_count
+        per_connection, failures = measure(targets, connections, rounds, clients, procs)
+        # One client at a time, as the issue's reference figures were taken: no batching anywhere.
+        sequential_targets = [target for target in targets if target[0] != "least-connections"]
+        sequential, sequential_failures = measure(sequential_targets, sequential_connections, max(1, rounds // 2), 1, 1)
 
     us = {name: processes.median(values) * 1e6 for name, values in per_connection.items()}
     floor_us, node_us = us["floor"], us.get("node")
@@ -74,6 +90,7 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
             BENCHMARK, f"master CPU per connection, {strategy}", value, "us", floor_us, "accept-and-close floor",
             target=f"<= {MAX_FLOOR_RATIO:g}x floor" if judged else "",
             met=at_most(value / floor_us, MAX_FLOOR_RATIO) if judged else None,
+            note=f"{failures[strategy]} failed requests" if failures[strategy] else "",
             extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection[strategy]], "failed_requests": failures[strategy]},
         ))
         figures.append(Figure(
@@ -87,10 +104,27 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
                               "accept-and-close floor",
                               extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection["node"]],
                                      "failed_requests": failures["node"]}))
+
+    seq_us = {name: processes.median(values) * 1e6 for name, values in sequential.items()}
+    for name, label in (("round-robin", "master CPU per connection, round-robin"),
+                        ("node", "Node cluster primary CPU per connection")):
+        if name not in seq_us:
+            continue
+        note = ""
+        if name == "round-robin" and "node" in seq_us:
+            note = f"{seq_us[name] / seq_us['node']:.2f}x Node's primary ({seq_us['node']:.0f} us) one client at a time"
+        figures.append(Figure(BENCHMARK, f"{label}, one client at a time", seq_us[name], "us", seq_us["floor"],
+                              "floor, one client at a time", note=note))
     details = {
         "connections_per_round": connections, "rounds": rounds, "clients": clients, "client_processes": procs,
         "workers": WORKERS, "median_us": {name: round(value, 2) for name, value in us.items()},
         "rounds_us": {name: [round(v * 1e6, 2) for v in values] for name, values in per_connection.items()},
         "failed_requests": failures,
+        "one_client_at_a_time": {
+            "connections_per_round": sequential_connections,
+            "median_us": {name: round(value, 2) for name, value in seq_us.items()},
+            "rounds_us": {name: [round(v * 1e6, 2) for v in values] for name, values in sequential.items()},
+            "failed_requests": sequential_failures,
+        },
     }
     return figures, details

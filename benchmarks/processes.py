@@ -30,6 +30,9 @@ BASELINE_START_TIMEOUT = 15.0
 
 Address = Tuple[str, int]
 
+#: Command-line fragments of helper processes that exit with this one.
+LIFETIME_HELPERS = (os.path.abspath(guard.__file__), "pytest_fdcluster.guard", "multiprocessing.resource_tracker")
+
 
 # -- what a process costs ---------------------------------------------------------------------
 
@@ -95,6 +98,7 @@ def own_cpu_seconds() -> float:
 
 
 def no_setting(name: str) -> None:
+    """A settings lookup that finds nothing: no command line, no ini (the benchmark's settings are explicit)."""
     return None
 
 
@@ -109,7 +113,8 @@ def node_settings(workers: int) -> Optional[ClusterSettings]:
     if node is None or not os.path.exists(NODE_SCRIPT):
         return None
     command = [node, NODE_SCRIPT, "--port", "{port}", "--workers", "{workers}", "--host", "{host}"]
-    return resolve({"workers": workers, "server": command}, no_setting, no_setting)
+    # The primary accepts before its workers have registered: wait for the ready line it prints then.
+    return resolve({"workers": workers, "server": command, "ready_line": True}, no_setting, no_setting)
 
 
 @contextlib.contextmanager
@@ -171,19 +176,19 @@ def _stderr(proc: subprocess.Popen) -> str:
 def live_descendants() -> List[psutil.Process]:
     """Processes this one started (directly or not) that are still running.
 
-    The plugin's orphan guard is not counted: it lives until this process
-    exits, by design, and exits with it.
+    Helpers that live as long as this process, by design, and exit with it
+    are not counted: the plugin's orphan guard and multiprocessing's
+    resource tracker (started by the load generator's processes).
     """
-    guard_path = os.path.abspath(guard.__file__)
     alive = []
     for proc in psutil.Process().children(recursive=True):
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            cmdline = proc.cmdline()
+            command = " ".join(proc.cmdline())
         except psutil.Error:
             continue
-        if guard_path in cmdline or "pytest_fdcluster.guard" in cmdline:
+        if any(helper in command for helper in LIFETIME_HELPERS):
             continue
         alive.append(proc)
     return alive

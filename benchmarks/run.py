@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"run only these benchmarks (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
     parser.add_argument("--json", default=DEFAULT_JSON, metavar="PATH",
                         help="where to write the results (default: benchmarks/results/latest.json)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     return parser
 
 
@@ -96,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     document["machine"]["loadavg_after"] = os.getloadavg()
     document["figures"] = [figure.as_json() for figure in figures]
-    print(format_table(figures))
+    print(format_table(figures, markdown=args.markdown))
     notes = [f"  {f.benchmark} / {f.name}: {f.note}" for f in figures if f.note]
     if notes:
         print("\nnotes:\n" + "\n".join(notes))

@@ -201,8 +201,9 @@ class Master:
                 continue
             self.reap_workers()
             self.respawn_due_workers()
-            if self.dispatcher.pending:
-                self.dispatcher.distribute()  # a stalled worker's turn may have expired
+            turn = self.dispatcher.next_deadline()
+            if turn is not None and turn <= self.dispatcher.clock():
+                self.dispatcher.distribute()  # a stalled worker's turn has expired: pass it over
             self.announce_ready()
             self.manage_accepting()
             self.expire_queries()
