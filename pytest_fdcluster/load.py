@@ -787,9 +787,9 @@ def _check_started(procs: Sequence[Any], results: Any, deadline: float) -> None:
     for proc in procs:
         if proc.exitcode is not None:
             try:
-                kind, value = results.get_nowait()
+                _, value = results.get_nowait()
             except queue.Empty:
-                kind, value = "error", f"exit code {proc.exitcode}"
+                value = f"exit code {proc.exitcode}"
             raise LoadError(f"load process {proc.name} ended before starting: {value}")
     if time.monotonic() >= deadline:
         raise LoadError(f"load processes did not start within {PROCESS_START_TIMEOUT:g} s")
