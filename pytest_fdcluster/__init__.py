@@ -23,6 +23,7 @@ from .checks import (
 from .client import Client, ClientError, ClientTimeout, ConnectionClosed, RemoteError
 from .cluster import Cluster, ClusterError, process_alive, wait_until
 from .observe import Snapshot, snapshot
+from fdcluster_server import protocol  # the one framing implementation, for frames built by hand
 
 from . import faults, load  # noqa: E402  (they build on the names above)
 
@@ -32,5 +33,5 @@ __all__ = [
     "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ConnectionClosed",
     "FairnessError", "FdLeakError", "RemoteError", "Snapshot", "assert_fair", "assert_master_holds_no_clients",
     "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
-    "faults", "format_distribution", "load", "process_alive", "snapshot", "wait_until",
+    "faults", "format_distribution", "load", "process_alive", "protocol", "snapshot", "wait_until",
 ]

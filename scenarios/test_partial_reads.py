@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 
-from pytest_fdcluster import faults
-from fdcluster_server import protocol
+from pytest_fdcluster import faults, protocol
 
 PIECE_DELAY = 0.002  # part of the fault: gives each piece its own segment and read
 
