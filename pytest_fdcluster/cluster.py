@@ -162,7 +162,16 @@ class Cluster:
     # -- observing it -------------------------------------------------------------------
 
     def snapshot(self) -> observe.Snapshot:
-        """Every fd of every process of the cluster, labelled master / worker N."""
+        """Every fd of every process of the cluster, labelled master / worker N.
+
+        One pass over the process tree with the cached labels; the labels are
+        refreshed (and the tree read again) only when a process is new to them.
+        """
+        cached = self._labels
+        if cached is not None:
+            snap = observe.snapshot(self.master, cached)
+            if set(snap.processes) <= set(cached):
+                return snap
         return observe.snapshot(self.master, self.labels())
 
     def owner_of(self, client: Union[Client, socket.socket, Tuple[str, int]]) -> Optional[str]:
