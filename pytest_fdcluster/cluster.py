@@ -13,35 +13,19 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import psutil
 
 from . import observe
 from .client import Client
+from .polling import ClusterError, wait_until
 from .settings import ClusterSettings
 from .target import RunningTarget, StopResult, TargetSpec, start_target
 
 WorkerRef = Union[int, str]
 
 DEFAULT_CALL_TIMEOUT = 5.0
-POLL_INTERVAL = 0.005
-
-
-class ClusterError(AssertionError):
-    """A cluster did not reach the state a test waited for; the message says which and why."""
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, describe: Callable[[], str]) -> Any:
-    """Poll ``predicate`` until it returns something truthy; raise ``ClusterError`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise ClusterError(f"timed out after {timeout:g} s waiting for {describe()}")
-        time.sleep(POLL_INTERVAL)
 
 
 class Cluster:
