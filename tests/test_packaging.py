@@ -55,3 +55,32 @@ def test_server_starts_from_the_installed_wheel_outside_the_checkout(wheel, tmp_
         proc.wait(10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_wheel_carries_the_standard_suite(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pytest_fdcluster/scenarios/__init__.py" in names
+    assert "pytest_fdcluster/scenarios/test_worker_kills.py" in names
+
+
+def test_standard_suite_runs_from_the_wheel_in_a_fresh_venv(wheel, tmp_path):
+    """What a user does after `pip install`: the whole chaos suite against their server, in an empty directory."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)],
+                             capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert install.returncode == 0, f"pip install of the wheel failed:\n{install.stdout[-2000:]}\n{install.stderr[-2000:]}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PYTEST_")}
+    server = f"{python} -m fdcluster_server --port {{port}} --workers {{workers}} --log-level warning"
+    result = subprocess.run(
+        [str(python), "-m", "pytest", "-p", "fdcluster", "--pyargs", "pytest_fdcluster.scenarios",
+         "--fdcluster-server", server, "-q", "-p", "no:cacheprovider", "-W", "error::pytest.PytestConfigWarning"],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    tail = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0, f"the installed suite failed against the installed server:\n{tail}"
+    assert " passed" in result.stdout.splitlines()[-1], tail
+    assert str(ROOT) not in result.stdout, f"the run reached into the checkout:\n{tail}"
