@@ -238,7 +238,7 @@ class FixtureClusters:
             failure = f"{SETTINGS_INVALID}: {exc}"
         else:
             try:
-                cluster = self._factory.start(resolved, name=f"cluster {len(self._factory.clusters) + 1}")
+                cluster = self._factory.start(resolved)  # named "cluster N", N counting from 1
             except TargetStartupError as exc:
                 failure = f"{STARTUP_FAILED}\n{exc}"
         if failure is not None:
