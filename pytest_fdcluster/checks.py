@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .observe import FdInfo, Snapshot, SnapshotDiff, describe_fds
+from .text import label_order, plural
 
 __all__ = [
     "CLOSE_WAIT_FAILED",
@@ -78,10 +79,6 @@ class FdLeakError(CheckFailed):
 
 class FdHygieneError(CheckFailed):
     """A process holds a descriptor it should have closed."""
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _figure(value: float) -> str:
@@ -164,7 +161,7 @@ class FairnessStats:
 
     def __str__(self) -> str:
         return (
-            f"{_plural(len(self.counts), 'worker')}, {self.total} total, spread {self.spread}, "
+            f"{plural(len(self.counts), 'worker')}, {self.total} total, spread {self.spread}, "
             f"Jain {self.jain:.3f}, max/min {_figure(self.max_min_ratio)}, "
             f"chi-square {self.chi_square:.2f} ({len(self.counts) - 1} dof, p={self.p_value:.3g})"
         )
@@ -209,7 +206,7 @@ def format_distribution(counts: Mapping[str, int]) -> str:
     }
     bar_width = max(len(bar) for bar in bars.values())
     lines = []
-    for label in sorted(counts, key=_natural):
+    for label in sorted(counts, key=label_order):
         value = counts[label]
         columns = [f"{label:<{label_width}}", f"{bars[label]:<{bar_width}}", f"{value:>{count_width}}"]
         line = "  ".join(c for c in columns if c)  # no bar column when nobody got any work
@@ -217,14 +214,6 @@ def format_distribution(counts: Mapping[str, int]) -> str:
             line += f"   {FEWEST_MARK}"
         lines.append(line.rstrip())
     return "\n".join(lines)
-
-
-def _natural(label: str) -> tuple:
-    """'master' first, then 'worker 2' before 'worker 10', then anything else."""
-    name, _, number = label.rpartition(" ")
-    if number.isdigit():
-        return (1, name, int(number), label)
-    return (0 if label == "master" else 2, label, 0, label)
 
 
 def _explained(summary: str, stats: FairnessStats) -> str:
@@ -308,8 +297,8 @@ def assert_no_fd_leak(
         if len(gained) <= allowed:
             continue
         lines.append(
-            f"{FD_LEAK_FAILED} in {change.process}: {_plural(len(gained), 'fd')} appeared over "
-            f"{_plural(cycles, 'cycle')} ({len(gained) / cycles:.1f} per cycle): {describe_fds(gained, LIST_LIMIT)}"
+            f"{FD_LEAK_FAILED} in {change.process}: {plural(len(gained), 'fd')} appeared over "
+            f"{plural(cycles, 'cycle')} ({len(gained) / cycles:.1f} per cycle): {describe_fds(gained, LIST_LIMIT)}"
         )
     if lines:
         raise FdLeakError(FD_LEAK_FAILED, "\n".join(lines))
@@ -361,7 +350,7 @@ def assert_no_close_wait(snapshot: Snapshot) -> None:
         return
     owners = ", ".join(dict.fromkeys(owner for owner, _ in held))
     summary = (
-        f"{CLOSE_WAIT_FAILED}: {_plural(len(held), 'socket')} in CLOSE_WAIT "
+        f"{CLOSE_WAIT_FAILED}: {plural(len(held), 'socket')} in CLOSE_WAIT "
         f"(peer closed, holder never did) in {owners}"
     )
     raise FdHygieneError(CLOSE_WAIT_FAILED, f"{summary}\n{_socket_lines(held)}")
@@ -377,5 +366,5 @@ def assert_master_holds_no_clients(snapshot: Snapshot) -> None:
     if not held:
         return
     master = snapshot.master
-    summary = f"{MASTER_HOLDS_CLIENTS}: {master} still holds {_plural(len(held), 'client socket')}"
+    summary = f"{MASTER_HOLDS_CLIENTS}: {master} still holds {plural(len(held), 'client socket')}"
     raise FdHygieneError(MASTER_HOLDS_CLIENTS, f"{summary}\n{_socket_lines([(str(master), i) for i in held])}")

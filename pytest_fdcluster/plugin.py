@@ -8,7 +8,6 @@ faults, checks) lives in modules usable without pytest; report hooks live in
 
 from __future__ import annotations
 
-import shlex
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -18,6 +17,7 @@ from . import report, settings
 from .cluster import Cluster, ClusterFactory, scm_rights_unavailable
 from .settings import ClusterSettings, SettingsError
 from .target import StopResult, TargetStartupError
+from .text import shell_join
 
 if TYPE_CHECKING:
     from .payloads import Payloads
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 ENTRY_POINT = "fdcluster"
 MARKER = "fdcluster"
 MARKER_HELP = (
-    "fdcluster(workers=None, server=None, **settings): run this test's cluster with these settings "
-    f"(settings: {', '.join(k for k in settings.MARKER_KEYS if k not in ('workers', 'server'))})"
+    f"{MARKER}({', '.join(f'{name}=None' for name in settings.MARKER_SIGNATURE)}, **settings): "
+    "run this test's cluster with these settings "
+    f"(settings: {', '.join(k for k in settings.MARKER_KEYS if k not in settings.MARKER_SIGNATURE)})"
 )
 STARTUP_FAILED = "fdcluster: the cluster did not start"
 SETTINGS_INVALID = "fdcluster: invalid settings"
@@ -67,29 +68,24 @@ def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager
 # -- options ----------------------------------------------------------------------------
 
 
-def _ini_type(number: type) -> Any:
-    """A number or a string: native TOML numbers pass, and a bad string still reaches our message.
+def _ini_type(kind: type) -> Any:
+    """A number or a string for numeric settings: native TOML numbers pass, and a bad string still reaches our message.
 
     Union types for ini options arrived in pytest 9.2; before, everything is a string.
     """
-    return Union[number, str] if pytest.version_tuple >= (9, 2) else "string"
+    return Union[kind, str] if kind in (int, float) and pytest.version_tuple >= (9, 2) else "string"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fdcluster", "fdcluster: prefork clusters as fixtures")
-    for name, help_text, ini_type in (
-        ("server", settings.HELP_SERVER, "string"),
-        ("workers", settings.HELP_WORKERS, _ini_type(int)),
-        ("startup_timeout", settings.HELP_STARTUP_TIMEOUT, _ini_type(float)),
-        ("strategy", settings.HELP_STRATEGY, "string"),
-        ("grace", settings.HELP_GRACE, _ini_type(float)),
-        ("ready_line", settings.HELP_READY_LINE, "string"),
-    ):
-        group.addoption(f"--fdcluster-{name.replace('_', '-')}", dest=f"fdcluster_{name}", default=None,
-                        metavar=name.upper(), help=help_text)
-        parser.addini(f"fdcluster_{name}", help_text, type=ini_type, default=None)
-    group.addoption("--fdcluster-report", action="store_true", default=False, help=settings.HELP_REPORT)
-    group.addoption("--fdcluster-report-json", default=None, metavar="PATH", help=settings.HELP_REPORT_JSON)
+    for setting in settings.SETTINGS:
+        if not setting.option:
+            continue  # a marker keyword only
+        group.addoption(setting.flag, dest=setting.dest, default=None, metavar=setting.name.upper(),
+                        help=setting.help_text)
+        parser.addini(setting.dest, setting.help_text, type=_ini_type(setting.kind), default=None)
+    group.addoption("--fdcluster-report", action="store_true", default=False, help=report.HELP_REPORT)
+    group.addoption("--fdcluster-report-json", default=None, metavar="PATH", help=report.HELP_REPORT_JSON)
 
 
 # -- configuration --------------------------------------------------------------------
@@ -107,19 +103,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(reporter, report.PLUGIN_NAME)
 
 
-def _option(config: pytest.Config) -> Callable[[str], Any]:
-    return lambda name: config.getoption(f"fdcluster_{name}", None)
-
-
-def _ini(config: pytest.Config) -> Callable[[str], Any]:
-    return lambda name: config.getini(f"fdcluster_{name}")
-
-
 def _ini_label(config: pytest.Config) -> Callable[[str], str]:
     """Names where an ini value came from: the file, or ``-o`` when it overrode the file."""
     overridden = {entry.split("=", 1)[0].strip() for entry in (config.getoption("override_ini", None) or ())}
     file_label = config.inipath.name if config.inipath else "ini"
-    return lambda name: OVERRIDE_INI_LABEL if f"fdcluster_{name}" in overridden else file_label
+    return lambda ini_name: OVERRIDE_INI_LABEL if ini_name in overridden else file_label
 
 
 def resolve_settings(
@@ -134,8 +122,8 @@ def resolve_settings(
     def marker_label(name: str) -> str:
         return FACTORY_LABEL if name in start_kwargs else settings.SOURCE_MARKER
 
-    return settings.resolve(marker_kwargs or {}, _option(config), _ini(config), ini_label=_ini_label(config),
-                            marker_label=marker_label)
+    return settings.resolve(marker_kwargs or {}, lambda dest: config.getoption(dest, None), config.getini,
+                            ini_label=_ini_label(config), marker_label=marker_label)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -156,7 +144,8 @@ def _marker_kwargs(request: pytest.FixtureRequest) -> Dict[str, Any]:
     # Closest marker wins: iter_markers yields the function's first, then class, module.
     for marker in reversed(list(request.node.iter_markers(MARKER))):
         if marker.args:
-            raise SettingsError(f"Invalid marker arguments {marker.args!r} from marker: use keywords, e.g. fdcluster(workers=3)")
+            raise SettingsError(f"Invalid marker arguments {marker.args!r} from marker: "
+                                "use keywords, e.g. fdcluster(workers=3)")
         merged.update(marker.kwargs)
     return merged
 
@@ -173,12 +162,14 @@ def fdcluster_settings(request: pytest.FixtureRequest) -> ClusterSettings:
 
 
 @pytest.fixture
-def fdcluster_factory(request: pytest.FixtureRequest, fdcluster_settings: ClusterSettings) -> Iterator["Factory"]:
+def fdcluster_factory(
+    request: pytest.FixtureRequest, fdcluster_settings: ClusterSettings
+) -> Iterator[FixtureClusters]:
     """Start clusters inside a test: ``fdcluster_factory.start(workers=3, strategy=...)``; all stopped at its end."""
     reason = scm_rights_unavailable()
     if reason:
         pytest.skip(reason)
-    factory = Factory(request, fdcluster_settings)
+    factory = FixtureClusters(request, fdcluster_settings)
     try:
         yield factory
     finally:
@@ -186,13 +177,13 @@ def fdcluster_factory(request: pytest.FixtureRequest, fdcluster_settings: Cluste
 
 
 @pytest.fixture
-def fdcluster(fdcluster_factory: "Factory") -> Cluster:
+def fdcluster(fdcluster_factory: FixtureClusters) -> Cluster:
     """A running cluster for this test, configured by the fdcluster marker and options."""
     return fdcluster_factory.start()
 
 
 @pytest.fixture
-def fdcluster_payloads(request: pytest.FixtureRequest) -> "Payloads":
+def fdcluster_payloads(request: pytest.FixtureRequest) -> Payloads:
     """Faker-driven request params (many locales, emoji, nested, large), seeded by Faker's ``faker_seed``."""
     from .payloads import Payloads  # Faker takes a while to import: only for tests that use it
 
@@ -204,22 +195,26 @@ def fdcluster_payloads(request: pytest.FixtureRequest) -> "Payloads":
     return Payloads(seed)
 
 
-class Factory:
-    """What ``fdcluster_factory`` yields: starts clusters, reports and stops them."""
+class FixtureClusters:
+    """What ``fdcluster_factory`` yields: starts clusters with the test's settings, reports and stops them.
+
+    A ``ClusterFactory`` does the starting and stopping; this adds what only a
+    test has: its marker, ``pytest.fail`` messages and the report records.
+    """
 
     def __init__(self, request: pytest.FixtureRequest, default: ClusterSettings) -> None:
         self._request = request
-        self._clusters = ClusterFactory(default)
+        self._factory = ClusterFactory(default)
 
     @property
     def is_reference(self) -> bool:
         """True when this test's clusters run the reference server (its settings apply)."""
-        return self._clusters.default.is_reference
+        return self._factory.default.is_reference
 
     @property
     def clusters(self) -> List[Cluster]:
         """The clusters started so far, oldest first."""
-        return list(self._clusters.clusters)
+        return list(self._factory.clusters)
 
     def start(self, workers: Optional[int] = None, server: Optional[str] = None, **overrides: Any) -> Cluster:
         """Start one cluster; keywords are the marker's (workers, server, strategy, idle_timeout...)."""
@@ -230,19 +225,20 @@ class Factory:
             given["server"] = server
         kwargs = dict(_marker_kwargs(self._request))
         if server is not None:
-            for key in settings.SERVER_FLAGS:
-                kwargs.pop(key, None)  # the marker's reference settings do not carry over to an external target
+            # The marker's reference-server settings do not carry over to an external target.
+            for setting in settings.REFERENCE_ONLY:
+                kwargs.pop(setting.name, None)
         kwargs.update(given)
         failure = None
         try:
-            resolved = self._clusters.default
+            resolved = self._factory.default
             if kwargs:
                 resolved = resolve_settings(self._request.config, kwargs, tuple(given))
         except SettingsError as exc:
             failure = f"{SETTINGS_INVALID}: {exc}"
         else:
             try:
-                cluster = self._clusters.start(resolved, name=f"cluster {len(self._clusters.clusters) + 1}")
+                cluster = self._factory.start(resolved)  # named "cluster N", N counting from 1
             except TargetStartupError as exc:
                 failure = f"{STARTUP_FAILED}\n{exc}"
         if failure is not None:
@@ -255,18 +251,19 @@ class Factory:
         """Stop every cluster (newest first), record each, then fail if one left something behind.
 
         Each cluster is stopped even when stopping another raised; the first
-        such error is re-raised once all are done.
+        such error is re-raised once the others are recorded.
         """
-        problems: List[str] = []
         error: Optional[BaseException] = None
-        for cluster in reversed(self._clusters.clusters):
-            try:
-                result = cluster.stop()
-            except BaseException as exc:  # the others must still be stopped
-                error = error or exc
-                continue
-            report.record_stop(self._request.node, cluster, result)
-            problems += unclean_teardown(cluster, result)
+        try:
+            self._factory.close()
+        except BaseException as exc:  # the clusters that did stop are still recorded
+            error = exc
+        problems: List[str] = []
+        for cluster in reversed(self._factory.clusters):
+            if cluster.stop_result is None:
+                continue  # its stop raised: nothing to record
+            report.record_stop(self._request.node, cluster, cluster.stop_result)
+            problems += unclean_teardown(cluster, cluster.stop_result)
         if error is not None:
             raise error
         if problems:
@@ -275,7 +272,7 @@ class Factory:
 
 def unclean_teardown(cluster: Cluster, result: StopResult) -> List[str]:
     """Lines naming what ``cluster``'s stop left behind (none when it was clean)."""
-    name = f"{cluster.name} ({' '.join(shlex.quote(arg) for arg in cluster.target.argv)})"
+    name = f"{cluster.name} ({shell_join(cluster.target.argv)})"
     lines = []
     if result.remaining:
         lines.append(LEFT_PIDS.format(cluster=name, pids=list(result.remaining)))

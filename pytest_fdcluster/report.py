@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 import pytest
 
 from . import checks, observe
 from .cluster import Cluster
 from .target import StopResult
+from .text import label_order, shell_join
 
 PLUGIN_NAME = "fdcluster-report"
+HELP_REPORT = "show per-cluster figures in the terminal summary"
+HELP_REPORT_JSON = "write per-cluster figures as JSON to this path"
 RECORD_KEY = "fdcluster.record"
 PAYLOAD_SEED = pytest.StashKey[Any]()
 CLUSTERS = pytest.StashKey[List[Cluster]]()
@@ -65,12 +67,12 @@ def build_record(
     fd_counts: Dict[str, List[Optional[int]]] = {}
     before = {p.label: p.fd_count for p in cluster.baseline.processes.values()} if cluster.baseline else {}
     after = {p.label: p.fd_count for p in cluster.final.processes.values()} if cluster.final else {}
-    for label in sorted(set(before) | set(after), key=_label_order):
+    for label in sorted(set(before) | set(after), key=label_order):
         fd_counts[label] = [before.get(label), after.get(label)]
     return {
         "test": nodeid,
         "cluster": cluster.name,
-        "target": " ".join(shlex.quote(arg) for arg in cluster.target.argv),
+        "target": shell_join(cluster.target.argv),
         "address": list(cluster.address),
         "xdist_worker": xdist_worker,
         "payload_seed": seed if seed is None or isinstance(seed, (int, float, str)) else repr(seed),
@@ -87,11 +89,6 @@ def build_record(
         "respawns": respawns,
         "events": cluster.events,
     }
-
-
-def _label_order(label: str) -> tuple:
-    kind, _, number = label.partition(" ")
-    return (kind != observe.MASTER, int(number) if number.isdigit() else 0, label)
 
 
 def format_record(record: Dict[str, Any]) -> str:
@@ -137,7 +134,7 @@ class ClusterReporter:
         kept = []
         for key, value in report.user_properties:
             if key == RECORD_KEY:
-                self.records.append(json.loads(value))
+                self.records.append(json.loads(cast(str, value)))  # record_stop wrote it with json.dumps
             else:
                 kept.append((key, value))
         # tryfirst: junitxml, which runs after us, writes only the key figures.
@@ -168,7 +165,7 @@ def replay_section(item: pytest.Item) -> str:
     if seed is not None:
         lines.append(REPLAY_SEED.format(seed=seed))
     for cluster in item.stash.get(CLUSTERS, []):
-        lines.append(f"{cluster.name}: {' '.join(shlex.quote(arg) for arg in cluster.target.argv)}")
+        lines.append(f"{cluster.name}: {shell_join(cluster.target.argv)}")
         for at, what in cluster.events:
             lines.append(f"  at {at:.3f} s: {what}")
     return "\n".join(lines)

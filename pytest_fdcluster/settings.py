@@ -1,4 +1,10 @@
-"""One place that decides each cluster setting: marker, then command line, then ini, then default.
+"""One table of cluster settings, and the one function that decides each: marker, command line, ini, default.
+
+Each row of ``SETTINGS`` is everything the plugin knows about a setting: its
+parser, its default, its help text (which states the default, so the two
+cannot drift), its option flag and ini name, and whether it is a flag of the
+reference server.  The plugin's options, ini names and marker keywords are all
+generated from the table; ``resolve`` walks it.
 
 A bad value names where it came from (``Invalid workers 'x' from --fdcluster-workers``),
 so a user knows which of the four places to fix.  No pytest import: the
@@ -7,111 +13,38 @@ plugin passes in plain lookups.
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fdcluster_server.dispatch import STRATEGIES
 
-# One help text per setting, shared by addoption and addini so they never drift apart.
-HELP_SERVER = (
-    "command template of the target server, split like a shell would (never run through one); "
-    "{port}, {workers} and {host} are filled in (default: the reference server)"
-)
-HELP_WORKERS = "worker processes per cluster (default: 2)"
-HELP_STARTUP_TIMEOUT = "seconds a cluster may take to become ready (default: 15)"
-HELP_STRATEGY = f"reference server's dispatch strategy: {', '.join(STRATEGIES)} (default: round-robin)"
-HELP_GRACE = "seconds between SIGTERM and SIGKILL at teardown; 0 kills at once (default: 5)"
-HELP_READY_LINE = (
-    "yes: an external target is ready only once it prints 'fdcluster-ready {json}' on stdout, "
-    "for servers whose workers register after the port accepts (default: no; the reference server always does)"
-)
-HELP_REPORT = "show per-cluster figures in the terminal summary"
-HELP_REPORT_JSON = "write per-cluster figures as JSON to this path"
+from .text import shell_join
 
-DEFAULT_WORKERS = 2
-DEFAULT_STARTUP_TIMEOUT = 15.0
-DEFAULT_GRACE = 5.0
-DEFAULT_STRATEGY = STRATEGIES[0]
-
-# Reference-server settings a marker may pass through as flags (name -> flag).
-SERVER_FLAGS = {
-    "strategy": "--strategy",
-    "max_frame": "--max-frame",
-    "idle_timeout": "--idle-timeout",
-    "graceful_timeout": "--graceful-timeout",
-    "handoff_window": "--handoff-window",
-    "max_pending": "--max-pending",
-    "handlers": "--handlers",
-}
-MARKER_KEYS = ("workers", "server", "startup_timeout", "grace", "ready_line") + tuple(SERVER_FLAGS)
+#: Every bad value is reported as this, then what was expected; ``source`` is the marker,
+#: the option's flag, or the ini file with the ini name (``SOURCE_INI``).
+INVALID_VALUE = "Invalid {name} {value!r} from {source}"
+SOURCE_MARKER = "marker"
+SOURCE_INI = "{ini} ({ini_name})"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
-
-#: Every bad value is reported as this, then what was expected; ``source`` is one of the
-#: labels below, so the user knows which of the four places to fix.
-INVALID_VALUE = "Invalid {name} {value!r} from {source}"
-SOURCE_MARKER = "marker"
-SOURCE_OPTION = "--fdcluster-{dashed}"
-SOURCE_INI = "{ini} (fdcluster_{name})"
-
-# The numeric reference-server settings a marker may give, and their kind.
-_SERVER_FLAG_KINDS = {
-    "max_frame": int,
-    "idle_timeout": float,
-    "graceful_timeout": float,
-    "handoff_window": int,
-    "max_pending": int,
-}
+#: A parser: (setting name, value as given, source label) -> the value to use; raises ``SettingsError``.
+Parse = Callable[[str, Any, str], Any]
 
 
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names its source."""
 
 
-class ClusterSettings(NamedTuple):
-    """Everything needed to start one cluster."""
-
-    command: Tuple[str, ...]  # template, placeholders unfilled
-    workers: int
-    startup_timeout: float
-    grace: float
-    strategy: Optional[str]  # None for an external target
-    is_reference: bool
-    ready_line: bool = False  # wait for the target's fdcluster-ready line
-
-    def describe(self) -> str:
-        """The command template as a shell would show it."""
-        return " ".join(shlex.quote(part) for part in self.command)
-
-
-def reference_command(strategy: str, extra: Mapping[str, Any]) -> Tuple[str, ...]:
-    """The reference server's command template (port 0: it reports the port it got)."""
-    command = [sys.executable, "-m", "fdcluster_server", "--host", "{host}", "--port", "0",
-               "--workers", "{workers}", "--strategy", strategy, "--log-level", "warning"]
-    for name, value in extra.items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            command += [SERVER_FLAGS[name], str(item)]
-    return tuple(command)
-
-
-# A source is (label, lookup): lookup returns None when the setting is not given there.
-Source = Tuple[str, Callable[[str], Any]]
-
-
-def _first(name: str, sources: Sequence[Source]) -> Tuple[Any, str]:
-    for label, lookup in sources:
-        value = lookup(name)
-        if value is not None and value != "":
-            return value, label
-    return None, "default"
-
-
 def invalid(name: str, value: Any, source: str, expected: str) -> SettingsError:
     """The error for a bad value: ``Invalid workers 'x' from marker: expected ...``."""
     return SettingsError(f"{INVALID_VALUE.format(name=name, value=value, source=source)}: {expected}")
+
+
+# -- parsers ------------------------------------------------------------------------------
 
 
 def _number(kind: type, name: str, value: Any, source: str, allow_zero: bool = False) -> Any:
@@ -129,7 +62,29 @@ def _number(kind: type, name: str, value: Any, source: str, allow_zero: bool = F
     return number
 
 
-def _flag(name: str, value: Any, source: str) -> bool:
+def positive(kind: type) -> Parse:
+    """A parser of positive ints or floats."""
+    return functools.partial(_number, kind)
+
+
+def non_negative(kind: type) -> Parse:
+    """A parser of ints or floats that may be zero."""
+    return functools.partial(_number, kind, allow_zero=True)
+
+
+def one_of(choices: Sequence[str]) -> Parse:
+    """A parser that accepts only ``choices``."""
+
+    def parse(name: str, value: Any, source: str) -> Any:
+        if value not in choices:
+            raise invalid(name, value, source, f"choose one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def yes_no(name: str, value: Any, source: str) -> bool:
+    """A boolean, or yes/no, true/false, on/off, 1/0 in any case."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -138,78 +93,210 @@ def _flag(name: str, value: Any, source: str) -> bool:
     raise invalid(name, value, source, "expected yes or no")
 
 
+def command_line(name: str, value: Any, source: str) -> Tuple[str, ...]:
+    """A command as a string split like a shell would (never run through one), or a list of arguments."""
+    if isinstance(value, str):
+        try:
+            command = tuple(shlex.split(value))
+        except ValueError as exc:
+            raise invalid(name, value, source, f"cannot split it like a shell: {exc}") from None
+    elif isinstance(value, (list, tuple)):
+        command = tuple(str(part) for part in value)
+    else:
+        raise invalid(name, value, source, "expected a command string or a list of arguments")
+    if not command:
+        raise invalid(name, value, source, "the command is empty")
+    return command
+
+
+def as_given(name: str, value: Any, source: str) -> Any:
+    """No check: the reference server judges the value itself."""
+    return value
+
+
+# -- the table ----------------------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    """A default as help text says it: ``2``, ``15``, ``no``, ``round-robin``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cluster setting.  Every setting is a keyword of the ``fdcluster`` marker."""
+
+    name: str
+    #: What the value is (int, float, str, bool); the ini type follows from it.
+    kind: type
+    parse: Parse
+    #: Used as is, never parsed; None for "not set".
+    default: Any
+    #: What it means, without the default: ``help_text`` adds that.
+    help: str
+    #: It also has a command-line option (``--fdcluster-NAME``) and an ini name (``fdcluster_NAME``).
+    option: bool = True
+    #: The reference server's flag it becomes; such a setting does not apply to an external target.
+    server_flag: Optional[str] = None
+    #: How the default reads when its value cannot say it (None).
+    default_text: str = ""
+    #: Said after the default, in the help's parentheses.
+    note: str = ""
+
+    @property
+    def flag(self) -> str:
+        return f"--fdcluster-{self.name.replace('_', '-')}"
+
+    @property
+    def dest(self) -> str:
+        """The option's dest, which is also its ini name."""
+        return f"fdcluster_{self.name}"
+
+    @property
+    def help_text(self) -> str:
+        """Help shared by the option and the ini, with the default: ``worker processes per cluster (default: 2)``."""
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.help} (default: {self.default_text or _shown(self.default)}{note})"
+
+
+#: In the order ``--help`` lists the options.
+SETTINGS: Tuple[Setting, ...] = (
+    Setting("server", str, command_line, None,
+            "command template of the target server, split like a shell would (never run through one); "
+            "{port}, {workers} and {host} are filled in", default_text="the reference server"),
+    Setting("workers", int, positive(int), 2, "worker processes per cluster"),
+    Setting("startup_timeout", float, positive(float), 15.0, "seconds a cluster may take to become ready"),
+    Setting("strategy", str, one_of(STRATEGIES), STRATEGIES[0],
+            f"reference server's dispatch strategy: {', '.join(STRATEGIES)}", server_flag="--strategy"),
+    Setting("grace", float, non_negative(float), 5.0,
+            "seconds between SIGTERM and SIGKILL at teardown; 0 kills at once"),
+    Setting("ready_line", bool, yes_no, False,
+            "yes: an external target is ready only once it prints 'fdcluster-ready {json}' on stdout, "
+            "for servers whose workers register after the port accepts", note="the reference server always does"),
+    # Marker only: passed through to the reference server, whose own defaults apply when absent.
+    Setting("max_frame", int, positive(int), None, "largest request frame in bytes",
+            option=False, server_flag="--max-frame", default_text="the server's"),
+    Setting("idle_timeout", float, positive(float), None,
+            "seconds before a connection whose incomplete frame is that old is closed",
+            option=False, server_flag="--idle-timeout", default_text="the server's"),
+    Setting("graceful_timeout", float, positive(float), None,
+            "seconds workers may finish in-flight requests after SIGTERM",
+            option=False, server_flag="--graceful-timeout", default_text="the server's"),
+    Setting("handoff_window", int, positive(int), None, "unacknowledged handoffs per worker before it is skipped",
+            option=False, server_flag="--handoff-window", default_text="the server's"),
+    Setting("max_pending", int, positive(int), None,
+            "accepted connections waiting for a worker before accepting pauses",
+            option=False, server_flag="--max-pending", default_text="the server's"),
+    Setting("handlers", str, as_given, None, "handler module (MODULE[:NAME]), or a list of them, adding RPC methods",
+            option=False, server_flag="--handlers", default_text="none"),
+)
+BY_NAME: Dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+#: The settings only the reference server understands, in the order its command line gets them.
+REFERENCE_ONLY: Tuple[Setting, ...] = tuple(s for s in SETTINGS if s.server_flag is not None)
+#: The marker's named parameters; the other settings are its ``**settings``.
+MARKER_SIGNATURE = ("workers", "server")
+#: The named parameters, then the settings for any target, then the reference server's.
+MARKER_KEYS: Tuple[str, ...] = MARKER_SIGNATURE + tuple(
+    s.name for s in SETTINGS if s.server_flag is None and s.name not in MARKER_SIGNATURE
+) + tuple(s.name for s in REFERENCE_ONLY)
+
+
+class ClusterSettings(NamedTuple):
+    """Everything needed to start one cluster."""
+
+    command: Tuple[str, ...]  # template, placeholders unfilled
+    workers: int
+    startup_timeout: float
+    grace: float
+    strategy: Optional[str]  # None for an external target
+    is_reference: bool
+    ready_line: bool = False  # wait for the target's fdcluster-ready line
+
+    def describe(self) -> str:
+        """The command template as a shell would show it."""
+        return shell_join(self.command)
+
+
+def reference_command(strategy: str, extra: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The reference server's command template (port 0: it reports the port it got)."""
+    command = [sys.executable, "-m", "fdcluster_server", "--host", "{host}", "--port", "0",
+               "--workers", "{workers}", "--strategy", strategy, "--log-level", "warning"]
+    for name, value in extra.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            command += [str(BY_NAME[name].server_flag), str(item)]
+    return tuple(command)
+
+
+# -- resolution ---------------------------------------------------------------------------
+
+Label = Union[str, Callable[[str], str]]
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == ""
+
+
 def resolve(
     marker: Mapping[str, Any],
     option: Callable[[str], Any],
     ini: Callable[[str], Any],
-    ini_label: Union[str, Callable[[str], str]] = "ini",
-    marker_label: Union[str, Callable[[str], str]] = SOURCE_MARKER,
+    ini_label: Label = "ini",
+    marker_label: Label = SOURCE_MARKER,
 ) -> ClusterSettings:
     """Resolve every setting: marker, then command line, then ini, then default.
 
-    ``option``/``ini`` look a setting up by its short name (``workers``) and
-    return None when it is not set there.  ``ini_label`` names the
-    configuration file in messages (``pytest.ini``), or is a function of the
-    setting's name, for settings that came from ``-o`` rather than a file;
-    ``marker_label`` likewise names where a ``marker`` entry came from (the
-    marker, or keywords given to ``fdcluster_factory.start()``).
+    ``marker`` maps a setting's name to its value.  ``option`` and ``ini``
+    look a setting up by its ``dest`` (``fdcluster_workers``) and return None
+    when it is not set there.  ``ini_label`` names the configuration file in
+    messages (``pytest.ini``), or is a function of the ini name, for settings
+    that came from ``-o`` rather than a file; ``marker_label`` likewise names
+    where a ``marker`` entry came from (the marker, or keywords given to
+    ``fdcluster_factory.start()``), as a function of the setting's name.
     """
 
-    def label_of(label: Union[str, Callable[[str], str]], name: str) -> str:
+    def label_of(label: Label, name: str) -> str:
         return label(name) if callable(label) else label
 
     unknown = sorted(set(marker) - set(MARKER_KEYS))
     if unknown:
         raise SettingsError(f"Invalid setting {unknown[0]!r} from {label_of(marker_label, unknown[0])}: "
                             f"known settings are {', '.join(MARKER_KEYS)}")
-    sources: Sequence[Source] = [(SOURCE_MARKER, marker.get), (SOURCE_OPTION, option), (SOURCE_INI, ini)]
 
-    def lookup(name: str) -> Tuple[Any, str]:
-        value, label = _first(name, sources)
-        if label == SOURCE_MARKER:
-            return value, label_of(marker_label, name)
-        return value, label.format(dashed=name.replace("_", "-"), name=name, ini=label_of(ini_label, name))
+    def given(setting: Setting) -> Tuple[Any, Optional[str]]:
+        """The value as given and where from, or (None, None) when nothing gives it."""
+        if not setting.option:  # marker only: present means given, whatever the value
+            if setting.name in marker:
+                return marker[setting.name], label_of(marker_label, setting.name)
+            return None, None
+        value, source = marker.get(setting.name), label_of(marker_label, setting.name)
+        if _unset(value):
+            value, source = option(setting.dest), setting.flag
+        if _unset(value):
+            value, source = ini(setting.dest), SOURCE_INI.format(ini=label_of(ini_label, setting.dest),
+                                                                 ini_name=setting.dest)
+        return (None, None) if _unset(value) else (value, source)
 
-    workers, source = lookup("workers")
-    workers = DEFAULT_WORKERS if workers is None else _number(int, "workers", workers, source)
-    timeout, source = lookup("startup_timeout")
-    timeout = DEFAULT_STARTUP_TIMEOUT if timeout is None else _number(float, "startup_timeout", timeout, source)
-    grace, source = lookup("grace")
-    grace = DEFAULT_GRACE if grace is None else _number(float, "grace", grace, source, allow_zero=True)
-    ready_line, source = lookup("ready_line")
-    ready_line = False if ready_line is None else _flag("ready_line", ready_line, source)
-    server, source = lookup("server")
-    strategy, strategy_source = lookup("strategy")
+    def value_of(setting: Setting) -> Any:
+        value, source = given(setting)
+        return setting.default if source is None else setting.parse(setting.name, value, source)
 
-    if server is not None:
-        if isinstance(server, str):
-            try:
-                command = tuple(shlex.split(server))
-            except ValueError as exc:
-                raise invalid("server", server, source, f"cannot split it like a shell: {exc}") from None
-        elif isinstance(server, (list, tuple)):
-            command = tuple(str(part) for part in server)
-        else:
-            raise invalid("server", server, source, "expected a command string or a list of arguments")
-        if not command:
-            raise invalid("server", server, source, "the command is empty")
-        extra = [k for k in SERVER_FLAGS if k in marker]
-        if extra:
+    # Settings for any target first, so a bad one is reported whichever the target.
+    common = {s.name: value_of(s) for s in SETTINGS if s.server_flag is None and s.name != "server"}
+    workers, timeout, grace = common["workers"], common["startup_timeout"], common["grace"]
+    server, source = given(BY_NAME["server"])
+    if source is not None:
+        command = BY_NAME["server"].parse("server", server, source)
+        misplaced = [s.name for s in REFERENCE_ONLY if s.name in marker]
+        if misplaced:
             raise SettingsError(
-                f"Invalid {extra[0]} from {label_of(marker_label, extra[0])}: reference-server settings do not apply "
-                f"to the external target {server!r}")
-        return ClusterSettings(command, workers, timeout, grace, None, False, ready_line)
+                f"Invalid {misplaced[0]} from {label_of(marker_label, misplaced[0])}: reference-server settings "
+                f"do not apply to the external target {server!r}")
+        return ClusterSettings(command, workers, timeout, grace, None, False, common["ready_line"])
 
-    strategy = DEFAULT_STRATEGY if strategy is None else strategy
-    if strategy not in STRATEGIES:
-        raise invalid("strategy", strategy, strategy_source, f"choose one of {', '.join(STRATEGIES)}")
-    extra: Dict[str, Any] = {}
-    for name in SERVER_FLAGS:
-        if name == "strategy" or name not in marker:
-            continue
-        value = marker[name]
-        kind = _SERVER_FLAG_KINDS.get(name)
-        if kind is not None:
-            value = _number(kind, name, value, label_of(marker_label, name))
-        extra[name] = value
+    strategy = value_of(BY_NAME["strategy"])
+    # The strategy has its own place in the command; the others are passed only when the marker gives them.
+    extra = {s.name: value_of(s) for s in REFERENCE_ONLY if s.name != "strategy" and s.name in marker}
     return ClusterSettings(reference_command(strategy, extra), workers, timeout, grace, strategy, True, True)

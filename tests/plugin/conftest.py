@@ -6,7 +6,6 @@ import os
 from typing import Iterator
 
 import pytest
-
 from plugin_test_support import REPO_ROOT, Reaper
 
 

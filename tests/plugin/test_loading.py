@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from plugin_test_support import literal, run_subprocess, stubborn_command
 
-from pytest_fdcluster import plugin, settings
+from pytest_fdcluster import plugin, report, settings
 
 USES_SETTINGS = """
 def test_settings(fdcluster_settings):
@@ -17,8 +17,11 @@ def test_settings(fdcluster_settings):
 """
 
 
-def header(workers: int = settings.DEFAULT_WORKERS, strategy: str = settings.DEFAULT_STRATEGY,
-           timeout: float = settings.DEFAULT_STARTUP_TIMEOUT, grace: float = settings.DEFAULT_GRACE) -> str:
+DEFAULT = {setting.name: setting.default for setting in settings.SETTINGS}
+
+
+def header(workers: int = DEFAULT["workers"], strategy: str = DEFAULT["strategy"],
+           timeout: float = DEFAULT["startup_timeout"], grace: float = DEFAULT["grace"]) -> str:
     """The report header line the plugin prints for these settings (reference server)."""
     return plugin.HEADER.format(target=plugin.HEADER_REFERENCE.format(strategy=strategy), workers=workers,
                                 timeout=timeout, grace=grace, seed=plugin.HEADER_SEED.format(seed=0))
@@ -82,21 +85,26 @@ class TestLoading:
             "fdcluster: prefork clusters as fixtures:",
             "  --fdcluster-server=SERVER",
             "  --fdcluster-workers=WORKERS",
-            f"*{settings.HELP_WORKERS}",
+            f"*{settings.BY_NAME['workers'].help_text}",
             "  --fdcluster-startup-timeout=STARTUP_TIMEOUT",
             "  --fdcluster-strategy=STRATEGY",
             "  --fdcluster-grace=GRACE",
-            f"  --fdcluster-report    {settings.HELP_REPORT}",
+            f"  --fdcluster-report    {report.HELP_REPORT}",
             "  --fdcluster-report-json=PATH",
         ])
         result.stdout.fnmatch_lines([
             "  fdcluster_server (*):",
             "  fdcluster_workers (*):",
-            f"*{settings.HELP_WORKERS}",
+            f"*{settings.BY_NAME['workers'].help_text}",
             "  fdcluster_startup_timeout (*):",
             "  fdcluster_strategy (*):",
             "  fdcluster_grace (*):",
         ])
+        # Each help states its default, as generated from the settings table.
+        result.stdout.fnmatch_lines(["*worker processes per cluster (default: 2)"])
+        for setting in settings.SETTINGS:
+            assert (setting.flag in result.stdout.str()) == setting.option, setting
+            assert (f"  {setting.dest} (" in result.stdout.str()) == setting.option, setting
 
     def test_markers_lists_the_marker_with_its_signature(self, pytester: pytest.Pytester) -> None:
         result = pytester.runpytest_inprocess("--markers")
@@ -214,7 +222,7 @@ class TestOptions:
 class TestMarker:
     # (ini, command line, marker) workers -> expected for an unmarked and a marked test.
     @pytest.mark.parametrize(("ini", "cli", "unmarked", "marked"), [
-        (None, None, settings.DEFAULT_WORKERS, 1),  # marker over default
+        (None, None, DEFAULT["workers"], 1),  # marker over default
         (3, None, 3, 1),  # ini over default, marker over ini
         (3, 1, 1, 2),  # command line over ini, marker over command line
     ])
@@ -283,3 +291,48 @@ class TestMarker:
         result.assert_outcomes(passed=1, failed=1)
         problem = settings.INVALID_VALUE.format(name="workers", value=0, source=plugin.FACTORY_LABEL)
         result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {literal(problem)}: expected a positive integer"])
+
+
+class TestSettingsTable:
+    """``settings.resolve`` and the table, with plain lookups instead of a pytest config."""
+
+    @staticmethod
+    def resolve(marker: dict = {}, option: dict = {}, ini: dict = {}) -> settings.ClusterSettings:  # noqa: B006
+        return settings.resolve(marker, option.get, ini.get, ini_label="tox.ini")
+
+    def test_help_states_the_default(self) -> None:
+        assert settings.BY_NAME["workers"].help_text == "worker processes per cluster (default: 2)"
+        assert settings.BY_NAME["grace"].help_text.endswith("; 0 kills at once (default: 5)")
+        assert settings.BY_NAME["startup_timeout"].help_text.endswith(" (default: 15)")
+        assert settings.BY_NAME["server"].help_text.endswith(" (default: the reference server)")
+        assert settings.BY_NAME["ready_line"].help_text.endswith(" (default: no; the reference server always does)")
+
+    def test_marker_then_command_line_then_ini_then_default(self) -> None:
+        assert self.resolve().workers == DEFAULT["workers"]
+        assert self.resolve(ini={"fdcluster_workers": "4"}).workers == 4
+        assert self.resolve(option={"fdcluster_workers": "3"}, ini={"fdcluster_workers": "4"}).workers == 3
+        assert self.resolve({"workers": 1}, {"fdcluster_workers": "3"}, {"fdcluster_workers": "4"}).workers == 1
+        # An empty value is no value: the next place decides.
+        assert self.resolve({"workers": ""}, ini={"fdcluster_workers": "4"}).workers == 4
+
+    def test_bad_ini_value_names_the_file_and_the_ini_name(self) -> None:
+        with pytest.raises(settings.SettingsError) as raised:
+            self.resolve(ini={"fdcluster_grace": "-1"})
+        problem = settings.INVALID_VALUE.format(name="grace", value="-1", source="tox.ini (fdcluster_grace)")
+        assert str(raised.value) == f"{problem}: expected a non-negative number"
+
+    def test_reference_settings_become_server_flags(self) -> None:
+        resolved = self.resolve({"max_frame": "4096", "handlers": ["a", "b:H"], "strategy": "shared-accept"})
+        assert resolved.is_reference and resolved.strategy == "shared-accept"
+        command = " ".join(resolved.command)
+        assert "--strategy shared-accept --log-level warning --max-frame 4096 --handlers a --handlers b:H" in command
+
+    def test_an_external_target_ignores_the_strategy_option_but_not_the_markers(self) -> None:
+        resolved = self.resolve(option={"fdcluster_server": "srv --port {port}", "fdcluster_strategy": "fastest"})
+        assert resolved.command == ("srv", "--port", "{port}") and resolved.strategy is None
+        with pytest.raises(settings.SettingsError, match="^Invalid strategy from marker: reference-server settings"):
+            self.resolve({"strategy": "shared-accept"}, option={"fdcluster_server": "srv"})
+
+    def test_marker_keys_keep_the_signature_first(self) -> None:
+        assert settings.MARKER_KEYS[:2] == settings.MARKER_SIGNATURE == ("workers", "server")
+        assert sorted(settings.MARKER_KEYS) == sorted(settings.BY_NAME)

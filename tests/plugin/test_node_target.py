@@ -31,7 +31,8 @@ class TestNodeTarget:
                 wait_until(lambda: answers(fdcluster, "again"), 10.0, lambda: "the respawned cluster to answer")
         """)
         command = node_command()
-        result = run_subprocess(pytester, "--fdcluster-server", command, "--fdcluster-ready-line", "yes", "--fdcluster-report")
+        result = run_subprocess(pytester, "--fdcluster-server", command, "--fdcluster-ready-line", "yes",
+                                "--fdcluster-report")
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines([
             f"fdcluster: target {literal(command)}, 2 workers, *",

@@ -59,8 +59,9 @@ class TestReport:
     def test_header(self, pytester: pytest.Pytester) -> None:
         result = pytester.runpytest_inprocess()
         result.stdout.fnmatch_lines([plugin.HEADER.format(
-            target=plugin.HEADER_REFERENCE.format(strategy=settings.DEFAULT_STRATEGY),
-            workers=settings.DEFAULT_WORKERS, timeout=settings.DEFAULT_STARTUP_TIMEOUT, grace=settings.DEFAULT_GRACE,
+            target=plugin.HEADER_REFERENCE.format(strategy=settings.BY_NAME["strategy"].default),
+            workers=settings.BY_NAME["workers"].default, timeout=settings.BY_NAME["startup_timeout"].default,
+            grace=settings.BY_NAME["grace"].default,
             seed=plugin.HEADER_SEED.format(seed=plugin.DEFAULT_SEED))])
 
     def test_header_names_an_external_target(self, pytester: pytest.Pytester) -> None:

@@ -311,7 +311,9 @@ class TestFdLeak:
         after = tree(process(7, "master", unix(9)))
         with pytest.raises(FdLeakError) as info:
             assert_no_fd_leak(before, after)
-        assert str(info.value) == f"{FD_LEAK_FAILED} in master (pid 7): 1 fd appeared over 1 cycle (1.0 per cycle): 9 unix"
+        assert str(info.value) == (
+            f"{FD_LEAK_FAILED} in master (pid 7): 1 fd appeared over 1 cycle (1.0 per cycle): 9 unix"
+        )
 
     def test_allowed_growth(self):
         before = tree(process(7, "master"))
@@ -424,7 +426,9 @@ class TestCloseWait:
 
 class TestMasterHoldsNoClients:
     def test_clean(self):
-        assert_master_holds_no_clients(tree(process(7, "master", listener(), unix(4)), process(8, "worker 0", tcp(9, 1))))
+        assert_master_holds_no_clients(
+            tree(process(7, "master", listener(), unix(4)), process(8, "worker 0", tcp(9, 1)))
+        )
 
     def test_message(self):
         snap = tree(process(7, "master", listener(), tcp(9, 40000)), process(8, "worker 0"))
