@@ -117,7 +117,8 @@ class TestMerge:
         histogram = filled([0.001, 0.003, 0.25])
         copy = pickle.loads(pickle.dumps(histogram))
         assert list(copy.counts) == list(histogram.counts)
-        assert (copy.count, copy.min, copy.max, copy.total) == (histogram.count, histogram.min, histogram.max, histogram.total)
+        assert (copy.count, copy.min, copy.max, copy.total) == \
+            (histogram.count, histogram.min, histogram.max, histogram.total)
 
 
 class TestBoundedMemory:
