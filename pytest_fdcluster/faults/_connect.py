@@ -15,7 +15,7 @@ from collections import Counter
 from typing import List, Optional, Tuple
 
 from ..sockets import Address, errno_name
-from ..text import format_address
+from ..text import format_address, plural
 
 #: Upper bound, so a typo in a test cannot exhaust descriptors or ports.
 MAX_CONNECTIONS = 5000
@@ -76,7 +76,7 @@ def connect_all(address: Address, count: int, timeout: float) -> List[socket.soc
         while selector.get_map() and not failures:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                failures["timeout"] += len(selector.get_map())
+                failures["timed out"] += len(selector.get_map())
                 break
             for key, _ in selector.select(remaining):
                 selector.unregister(key.fileobj)
@@ -85,7 +85,7 @@ def connect_all(address: Address, count: int, timeout: float) -> List[socket.soc
                     failures[errno_name(code)] += 1
         if failures:
             detail = ", ".join(f"{n} {kind}" for kind, n in failures.items())
-            raise FaultError(f"could not open {count} connections to {format_address(address)} "
+            raise FaultError(f"could not open {plural(count, 'connection')} to {format_address(address)} "
                              f"within {timeout:g} s: {detail}")
         return sockets
     except BaseException:
