@@ -95,7 +95,8 @@ class TestSplitFrames:
         raw = Client(fdcluster.address)
         with raw:
             faults.send_in_pieces(raw, two, [3, len(two) // 2 + 1], delay=0.005)
-            assert [raw.recv_frame(), raw.recv_frame()] == [pong(1), pong(2)], "pipelined split frames answered in order"
+            assert [raw.recv_frame(), raw.recv_frame()] == [pong(1), pong(2)], \
+                "pipelined split frames answered in order"
 
 
 class TestEndingBadly:
@@ -151,7 +152,7 @@ class TestSlowloris:
     def test_a_slowloris_closes_its_sockets_when_the_test_body_fails(self, fdcluster):
         with pytest.raises(ZeroDivisionError):
             with faults.Slowloris(fdcluster.address, 5, trickle_interval=0.05) as slow:
-                1 / 0
+                raise ZeroDivisionError("the test body fails inside the slowloris")
         assert all(sock.fileno() == -1 for sock in slow.sockets), "every slowloris socket closed on exit"
 
 
@@ -160,7 +161,8 @@ class TestSlowReader:
     def test_a_client_that_never_reads_stalls_alone(self, fdcluster):
         with faults.SlowReader(fdcluster.address, requests=2000, payload_size=64 * 1024) as reader:
             written = reader.fill(timeout=DEADLINE)
-            assert reader.blocked, f"the slow reader's sends stalled (wrote {written} bytes, {reader.requests_sent} requests)"
+            assert reader.blocked, \
+                f"the slow reader's sends stalled (wrote {written} bytes, {reader.requests_sent} requests)"
             assert written > 1 << 20
             # The same (only) worker keeps serving everyone else.
             for n in range(5):

@@ -124,14 +124,14 @@ class TestChecker:
         assert check_response(body, params, "ping") is None
 
     @pytest.mark.parametrize("frame, params, kind", [
-        (protocol.response("pong", 2), 1, "mismatch"),  # another request's answer
-        (protocol.response("echo", 1), 1, "mismatch"),  # wrong out for ping
-        (protocol.response("pong", True), 1, "mismatch"),  # true is not 1
-        (protocol.response("pong", [1]), [1, 2], "mismatch"),
-        (protocol.encode({"out": "pong"}), 1, "mismatch"),  # no result at all
-        (protocol.encode([1, 2]), 1, "mismatch"),  # not an object
-        (protocol.encode_body(b"{not json"), 1, "mismatch"),
-        (protocol.encode_body(b"\xff\xfe"), 1, "mismatch"),  # not UTF-8
+        (protocol.response("pong", 2), 1, "mismatched"),  # another request's answer
+        (protocol.response("echo", 1), 1, "mismatched"),  # wrong out for ping
+        (protocol.response("pong", True), 1, "mismatched"),  # true is not 1
+        (protocol.response("pong", [1]), [1, 2], "mismatched"),
+        (protocol.encode({"out": "pong"}), 1, "mismatched"),  # no result at all
+        (protocol.encode([1, 2]), 1, "mismatched"),  # not an object
+        (protocol.encode_body(b"{not json"), 1, "mismatched"),
+        (protocol.encode_body(b"\xff\xfe"), 1, "mismatched"),  # not UTF-8
         (protocol.error("unknown method"), 1, "error-frame"),
     ])
     def test_wrong_answers_are_classified(self, frame, params, kind):
@@ -213,11 +213,11 @@ class TestErrorKinds:
         result = run_load(misbehaving.address, clients=1, requests=100, timeout=0.5)
         mismatches = sum(1 for i in range(100) if i % 5 == 0)
         error_frames = sum(1 for i in range(100) if i % 7 == 0 and i % 5)
-        assert result.errors == {"mismatch": mismatches, "error-frame": error_frames, "timeout": 1}, str(result)
+        assert result.errors == {"mismatched": mismatches, "error-frame": error_frames, "timed_out": 1}, str(result)
         assert result.requests_ok == 100 - mismatches - error_frames - 1
         assert result.requests == 100
         assert set(result.errors) <= set(ERROR_KINDS)
-        assert "mismatch 20" in str(result)
+        assert "mismatched 20" in str(result)
 
     def test_a_closed_port_counts_refusals(self):
         with socket.socket() as placeholder:

@@ -1,4 +1,4 @@
-"""Unit tests of pytest_fdcluster.load.Histogram: precision, percentiles, merging, bounded memory."""
+"""Unit tests of pytest_fdcluster.histogram.Histogram: precision, percentiles, merging, bounded memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from pytest_fdcluster.load import Histogram
+from pytest_fdcluster.histogram import Histogram
 
 #: Relative error a reported value may have: half a bucket is under 0.4 %, ~1 % is the promise.
 PRECISION = 0.01
@@ -117,7 +117,8 @@ class TestMerge:
         histogram = filled([0.001, 0.003, 0.25])
         copy = pickle.loads(pickle.dumps(histogram))
         assert list(copy.counts) == list(histogram.counts)
-        assert (copy.count, copy.min, copy.max, copy.total) == (histogram.count, histogram.min, histogram.max, histogram.total)
+        assert (copy.count, copy.min, copy.max, copy.total) == \
+            (histogram.count, histogram.min, histogram.max, histogram.total)
 
 
 class TestBoundedMemory:
