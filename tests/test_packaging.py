@@ -26,6 +26,8 @@ def wheel(tmp_path_factory):
 def test_wheel_contains_plugin_server_and_entry_points(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "pytest_fdcluster/plugin.py" in names
+    assert "pytest_fdcluster/faults/__init__.py" in names
+    assert "pytest_fdcluster/py.typed" in names
     assert "fdcluster_server/master.py" in names
     assert not any(n.startswith(("server/", "tests/", "scenarios/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
