@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, TypeVar
 import psutil
 import pytest
 
-from pytest_fdcluster import observe
+from pytest_fdcluster import descriptors, observe
 from pytest_fdcluster.checks import (
     CLOSE_WAIT_FAILED,
     FD_LEAK_FAILED,
@@ -403,7 +403,7 @@ class TestDescriptors:
             assert sum(proc.kinds.values()) == proc.fd_count
 
     def test_psutil_fallback(self, targets, monkeypatch):
-        monkeypatch.setattr(observe, "_USE_PROCFS", False)
+        monkeypatch.setattr(descriptors, "USE_PROCFS", False)
         target = targets(Prefork, 1)
         snap = target.snapshot()
         (listening,) = snap.master.listening
