@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import AbstractSet, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 try:
     import psutil
@@ -52,7 +52,7 @@ def _read_stat(pid: str) -> Optional[Tuple[str, int]]:
         return None
 
 
-def _procfs_session_pids(wanted: Sequence[int]) -> List[int]:
+def _procfs_session_pids(wanted: AbstractSet[int]) -> List[int]:
     found: List[int] = []
     try:
         entries = os.listdir("/proc")
@@ -71,7 +71,7 @@ def _procfs_session_pids(wanted: Sequence[int]) -> List[int]:
     return found
 
 
-def _psutil_session_pids(wanted: Sequence[int]) -> List[int]:
+def _psutil_session_pids(wanted: AbstractSet[int]) -> List[int]:
     if psutil is None:  # the guard, run without site-packages, has only /proc
         return []
     found = []
@@ -89,7 +89,7 @@ def session_pids(sids: Iterable[int]) -> List[int]:
 
     Read from /proc where there is one (fast, and all the guard has); psutil elsewhere.
     """
-    wanted = list(set(sids))
+    wanted = set(sids)
     if os.path.isdir("/proc/self"):
         return _procfs_session_pids(wanted)
     return _psutil_session_pids(wanted)

@@ -553,7 +553,8 @@ class TestDiff:
         with pytest.raises(FdLeakError) as info:
             assert_no_fd_leak(before, target.snapshot(), cycles=3)
         assert str(info.value).startswith(
-            f"{FD_LEAK_FAILED} in worker 0 (pid {target.worker_pids[0]}): 3 fds appeared over 3 cycles (1.0 per cycle): "
+            f"{FD_LEAK_FAILED} in worker 0 (pid {target.worker_pids[0]}): "
+            "3 fds appeared over 3 cycles (1.0 per cycle): "
         )
         target.command("release 0", "released")
         assert_no_fd_leak(before, target.snapshot(), cycles=3)
