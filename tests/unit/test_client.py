@@ -162,28 +162,26 @@ class ScriptedServer:
             self.errors.append(AssertionError(f"server threads did not stop: {stuck}"))
 
 
-@pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    """A scripted server; errors from its threads are re-raised here."""
-    srv = ScriptedServer()
+def serving(srv: ScriptedServer) -> Iterator[ScriptedServer]:
+    """Yield ``srv``, close it, then re-raise the first error of its threads."""
     try:
         yield srv
     finally:
         srv.close()
     if srv.errors:
         raise srv.errors[0]
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    """A scripted server on loopback TCP."""
+    yield from serving(ScriptedServer())
 
 
 @pytest.fixture
 def unix_server(request: pytest.FixtureRequest) -> Iterator[ScriptedServer]:
-    """A scripted server on an abstract Unix address unique to this test; errors re-raised here."""
-    srv = ScriptedServer(unix_name=f"fdcluster-test-client-{os.getpid()}-{id(request)}")
-    try:
-        yield srv
-    finally:
-        srv.close()
-    if srv.errors:
-        raise srv.errors[0]
+    """A scripted server on an abstract Unix address unique to this test."""
+    yield from serving(ScriptedServer(unix_name=f"fdcluster-test-client-{os.getpid()}-{id(request)}"))
 
 
 @pytest.fixture
