@@ -1,9 +1,11 @@
 """Blocking client for the length-prefixed JSON protocol, used by tests and scenarios.
 
-One ``Client`` is one TCP connection.  It speaks whole frames (``call``,
-``request``, ``send_frame``/``recv_frame``) and also lets a test misbehave on
-purpose (``send_raw``, ``shutdown_write``, ``abort``) and observe how the
-server ends the connection (``expect_eof``).
+One ``Client`` is one connection: TCP to ``(host, port)``, or a Unix stream
+socket when the address is a path (``"@name"`` or ``"\\0name"`` for Linux's
+abstract namespace), as the reference server's control socket is.  It speaks
+whole frames (``call``, ``request``, ``send_frame``/``recv_frame``) and also
+lets a test misbehave on purpose (``send_raw``, ``shutdown_write``,
+``abort``) and observe how the server ends the connection (``expect_eof``).
 
 Framing comes from ``fdcluster_server.protocol``; this module only moves bytes.
 No pytest import: the client works in scripts and worker processes too.
@@ -16,9 +18,11 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Any, Deque, Optional, Tuple
+from typing import Any, Deque, Optional, Tuple, Union
 
 from fdcluster_server import protocol
+
+from .text import format_address
 
 __all__ = [
     "Client",
@@ -31,6 +35,8 @@ __all__ = [
 ]
 
 Address = Tuple[str, int]
+#: A Unix socket path; a leading "@" or NUL names an abstract address.
+UnixAddress = str
 
 #: A response echoes its request's params, so it may exceed the server's 1 MiB
 #: request limit by the envelope; leave generous room before calling it broken.
@@ -68,11 +74,6 @@ class RemoteError(ClientError):
         self.message = message
 
 
-def _format_address(address: Address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Client:
     """One blocking connection to a protocol server.
 
@@ -83,32 +84,51 @@ class Client:
 
     def __init__(
         self,
-        address: Address,
+        address: Union[Address, UnixAddress],
         timeout: float = 5.0,
         max_frame: int = DEFAULT_MAX_RESPONSE,
     ) -> None:
-        self.address: Address = (address[0], int(address[1]))
+        self.address: Union[Address, UnixAddress] = (
+            address if isinstance(address, str) else (address[0], int(address[1]))
+        )
         self.timeout = timeout
         self._decoder = protocol.FrameDecoder(max_frame)
         self._frames: Deque[bytes] = deque()
         self._closed = False
         try:
-            self._sock = socket.create_connection(self.address, timeout=timeout)
+            self._sock = self._connect(timeout)
         except socket.timeout:
-            raise ClientTimeout(
-                f"connecting to {_format_address(self.address)} timed out after {timeout} s"
-            ) from None
+            raise ClientTimeout(f"connecting to {format_address(self.address)} timed out after {timeout} s") from None
         try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if isinstance(self.address, str):
+                local = self._sock.getsockname()
+            else:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                local = self._sock.getsockname()[:2]
             # Captured now so it is still known after close, e.g. to match server logs.
-            self.local_address: Address = self._sock.getsockname()[:2]
+            #: ``(host, port)`` on TCP; on a Unix socket its path, "" when unbound (typed as loosely as getsockname).
+            self.local_address: Any = local
         except BaseException:
             self._sock.close()
             raise
 
+    def _connect(self, timeout: float) -> socket.socket:
+        if not isinstance(self.address, str):
+            return socket.create_connection(self.address, timeout=timeout)
+        # "@name" is the server's spelling of an abstract address, "\0name" the kernel's.
+        path = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     # -- context manager -------------------------------------------------------
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -116,7 +136,7 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<Client {_format_address(self.local_address)} -> {_format_address(self.address)} {state}>"
+        return f"<Client {format_address(self.local_address)} -> {format_address(self.address)} {state}>"
 
     @property
     def closed(self) -> bool:
@@ -132,7 +152,7 @@ class Client:
             self._sock.sendall(data)
         except socket.timeout:
             raise ClientTimeout(
-                f"sending {len(data)} bytes to {_format_address(self.address)} "
+                f"sending {len(data)} bytes to {format_address(self.address)} "
                 f"timed out after {self.timeout} s"
             ) from None
 
@@ -161,7 +181,7 @@ class Client:
         partial = self._decoder.pending
         detail = f" ({partial} bytes of a partial frame buffered)" if partial else ""
         return ClientTimeout(
-            f"no {awaiting} from {_format_address(self.address)} within {timeout} s{detail}"
+            f"no {awaiting} from {format_address(self.address)} within {timeout} s{detail}"
         )
 
     def recv_raw_frame(self, timeout: Optional[float] = None) -> bytes:
@@ -170,14 +190,14 @@ class Client:
         while not self._frames:
             if self._decoder.failure is not None:
                 raise ProtocolMismatch(
-                    f"from {_format_address(self.address)}: {self._decoder.failure}"
+                    f"from {format_address(self.address)}: {self._decoder.failure}"
                 )
             data = self._fill(deadline, timeout, "frame")
             if not data:
                 partial = self._decoder.pending
                 detail = f" after {partial} bytes of a partial frame" if partial else ""
                 raise ConnectionClosed(
-                    f"{_format_address(self.address)} closed the connection{detail} "
+                    f"{format_address(self.address)} closed the connection{detail} "
                     "while a frame was awaited"
                 )
             self._frames.extend(self._decoder.feed(data))
@@ -189,7 +209,7 @@ class Client:
         try:
             return protocol.decode_body(body)
         except protocol.ProtocolError as exc:
-            raise ProtocolMismatch(f"from {_format_address(self.address)}: {exc}") from None
+            raise ProtocolMismatch(f"from {format_address(self.address)}: {exc}") from None
 
     # -- request/response ------------------------------------------------------
 
@@ -199,7 +219,7 @@ class Client:
         response = self.recv_frame(timeout)
         if not isinstance(response, dict) or not isinstance(response.get("out"), str):
             raise ProtocolMismatch(
-                f"response to {method!r} from {_format_address(self.address)} "
+                f"response to {method!r} from {format_address(self.address)} "
                 f'is not an object with a string "out": {response!r:.200}'
             )
         return response
@@ -221,7 +241,7 @@ class Client:
         """
         if self._frames or self._decoder.pending:
             raise UnexpectedData(
-                f"{_format_address(self.address)} sent data before the expected end of stream "
+                f"{format_address(self.address)} sent data before the expected end of stream "
                 f"({len(self._frames)} frames, {self._decoder.pending} bytes buffered)"
             )
         timeout, deadline = self._deadline(timeout)
@@ -236,7 +256,7 @@ class Client:
             raise
         if data:
             raise UnexpectedData(
-                f"{_format_address(self.address)} sent {len(data)} bytes where the end of "
+                f"{format_address(self.address)} sent {len(data)} bytes where the end of "
                 f"stream was expected: {data[:64]!r}"
             )
         return "eof"

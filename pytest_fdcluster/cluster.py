@@ -13,12 +13,12 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import psutil
 
 from . import observe
-from .client import Client
+from .client import Client, ClientError
 from .polling import ClusterError, wait_until
 from .settings import ClusterSettings
 from .target import RunningTarget, StopResult, TargetSpec, start_target
@@ -35,7 +35,7 @@ class Cluster:
         self.target = target
         self.settings = settings
         self.name = name
-        self.paused: set = set()
+        self.paused: Set[int] = set()
         self.events: List[Tuple[float, str]] = []  # (seconds since start, what) for replay and reports
         self.started = time.monotonic()
         self.ready_seconds = 0.0
@@ -122,26 +122,17 @@ class Cluster:
         address = self.target.control
         if not address:
             return None
-        from fdcluster_server import protocol  # the one framing implementation
-
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(DEFAULT_CALL_TIMEOUT)
-            try:
-                sock.connect("\0" + address[1:] if address.startswith("@") else address)
-                sock.sendall(protocol.request(method))
+        try:
+            with Client(address, timeout=DEFAULT_CALL_TIMEOUT) as client:
+                client.send_frame({"in": method, "params": None})
                 # Half-close and read to EOF: the master closes its end before we return,
                 # so observing the cluster never sees our own control connection.
-                sock.shutdown(socket.SHUT_WR)
-                decoder = protocol.FrameDecoder()
-                bodies: List[bytes] = []
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        break
-                    bodies += decoder.feed(data)
-                return protocol.decode_body(bodies[0])["result"] if bodies else None
-            except OSError:
-                return None  # the master is gone or stopping: counters are a bonus, not a requirement
+                client.shutdown_write()
+                response = client.recv_frame()
+                client.expect_eof()
+        except (ClientError, OSError):
+            return None  # the master is gone or stopping: counters are a bonus, not a requirement
+        return response.get("result") if isinstance(response, dict) else None
 
     # -- observing it -------------------------------------------------------------------
 
@@ -163,7 +154,9 @@ class Cluster:
         view = self.snapshot().owner_of(_local_address(client))
         return view.label if view else None
 
-    def connections_per_worker(self, clients: Sequence[Union[Client, socket.socket, Tuple[str, int]]]) -> Dict[str, int]:
+    def connections_per_worker(
+        self, clients: Sequence[Union[Client, socket.socket, Tuple[str, int]]]
+    ) -> Dict[str, int]:
         """How many of ``clients`` each worker holds (every live worker listed, zeros included)."""
         return self.snapshot().connections_per_process([_local_address(c) for c in clients])
 
@@ -189,7 +182,8 @@ class Cluster:
 
     def resume_worker(self, worker: WorkerRef) -> int:
         """SIGCONT a paused worker; returns its pid."""
-        pid = worker if worker in self.paused else self.worker_pid(worker)
+        # A paused worker is looked up by pid as given: it may no longer count as live.
+        pid = worker if isinstance(worker, int) and worker in self.paused else self.worker_pid(worker)
         self._signal(pid, signal.SIGCONT)
         self.paused.discard(pid)
         self._record(f"SIGCONT worker pid {pid}")

@@ -12,7 +12,9 @@ the kernel closed it -- or when the guard's parent process is gone, it
 SIGKILLs every process of every watched session and exits.
 
 Imports the standard library only, and not psutil or pytest, so that it
-starts in a few milliseconds; processes are found by reading /proc.
+starts in a few milliseconds; processes are found by reading /proc, with
+``proctree``'s session half (loaded by path when the package is not on the path).
+pytest's end of the pipe is ``guard_client``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import os
 import select
 import signal
 import sys
-import time
-from typing import Iterable, List, Set
+from types import ModuleType
+from typing import TYPE_CHECKING, Set
 
 __all__ = ["CMD_FORGET", "CMD_WATCH", "kill_sessions", "main", "session_pids"]
 
@@ -33,74 +35,32 @@ CMD_FORGET = "forget"
 #: else inherited its stdin's write end and keeps the pipe open.
 PARENT_CHECK_INTERVAL = 0.25
 
-#: Upper bound on the kill loop, for processes that fork while being killed.
-KILL_DEADLINE = 5.0
+
+def _load_proctree() -> ModuleType:
+    """``proctree``, which knows the target's sessions: imported, or by path when run as an isolated script."""
+    if __package__:
+        from . import proctree
+
+        return proctree
+    # Run by path with -I -S: the package is not importable, its sibling file is.
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proctree.py")
+    spec = importlib.util.spec_from_file_location("fdcluster_guard_proctree", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _read_stat(pid: str) -> "tuple[str, int] | None":
-    """Return (state, sid) from /proc/PID/stat, or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: the fields follow the last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        return fields[0].decode("ascii"), int(fields[3])
-    except (IndexError, ValueError):
-        return None
-
-
-def session_pids(sids: Iterable[int]) -> List[int]:
-    """Pids of live (non-zombie) processes whose session id is in ``sids``."""
-    wanted = set(sids)
-    found = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        info = _read_stat(entry)
-        if info is None:
-            continue
-        state, sid = info
-        # A zombie is already dead; whether anyone reaps it is not ours to fix.
-        if sid in wanted and state not in ("Z", "X", "x"):
-            found.append(int(entry))
-    return found
-
-
-def kill_sessions(sids: Iterable[int], deadline: float = KILL_DEADLINE) -> List[int]:
-    """SIGKILL every process of the sessions ``sids``; return the pids killed.
-
-    Killing the process group catches the common case at once; the /proc scan
-    catches processes that moved to another group but stayed in the session.
-    Repeats until a scan finds nothing, since a process may fork mid-kill.
-    """
-    sids = set(sids)
-    own = os.getpid()
-    killed: List[int] = []
-    for sid in sids:
-        try:
-            os.killpg(sid, signal.SIGKILL)
-        except OSError:
-            pass
-    end = time.monotonic() + deadline
-    while True:
-        pids = [pid for pid in session_pids(sids) if pid != own]
-        if not pids or time.monotonic() > end:
-            return killed
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                pass
-        # The kernel delivers SIGKILL asynchronously; give it a moment before rescanning.
-        time.sleep(0.005)
+if TYPE_CHECKING:
+    from .proctree import KILL_DEADLINE, kill_sessions, session_pids
+else:
+    _proctree = _load_proctree()
+    KILL_DEADLINE = _proctree.KILL_DEADLINE
+    kill_sessions = _proctree.kill_sessions
+    session_pids = _proctree.session_pids
 
 
 def _apply(line: str, watched: Set[int]) -> None:

@@ -6,11 +6,8 @@ inherit it, and for sockets their addresses and TCP state.  The target needs
 no cooperation and may be written in any language.  Snapshots subtract into a
 ``SnapshotDiff`` that says which descriptors appeared and vanished.
 
-On Linux descriptors come from /proc/PID/fd, /proc/PID/fdinfo and the socket
-tables of the target's network namespace (/proc/PID/net/*), read once per
-snapshot and only as far as needed.  Elsewhere psutil's ``open_files`` and
-``net_connections`` stand in, and ``inheritable`` is None because no other
-platform exposes it.
+Which processes are the target's comes from ``proctree``; what each
+descriptor is, from ``descriptors`` (whose names are re-exported here).
 
 Processes and descriptors that disappear while being read are skipped: a
 snapshot of a churning tree never raises.  No pytest import.
@@ -18,16 +15,17 @@ snapshot of a churning tree never raises.  No pytest import.
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import psutil
+
+from . import proctree
+from .descriptors import KINDS, TCP_KINDS, Address, FdInfo, describe_fds, read_fds, resolve_sockets
+from .text import MASTER, format_address, plural
 
 __all__ = [
     "KINDS",
@@ -45,35 +43,7 @@ __all__ = [
     "worker_label",
 ]
 
-#: An inet socket address as (host, port), or a Unix socket path.
-Address = Union[Tuple[str, int], str]
-
-MASTER = "master"
 UNOWNED = "unowned"
-KINDS = ("tcp", "tcp6", "udp", "unix", "pipe", "file", "anon", "socket", "other")
-TCP_KINDS = ("tcp", "tcp6")
-
-# The kernel reports fdinfo flags in its own ABI, which is the running
-# interpreter's on the same machine; the literal is x86/arm's value.
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0o2000000)
-
-# Fallback to psutil where /proc has no per-process fd directory (macOS, BSD).
-_USE_PROCFS = sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
-
-# Column "st" of /proc/net/tcp, named as psutil names them.
-_TCP_STATES = {
-    "01": psutil.CONN_ESTABLISHED,
-    "02": psutil.CONN_SYN_SENT,
-    "03": psutil.CONN_SYN_RECV,
-    "04": psutil.CONN_FIN_WAIT1,
-    "05": psutil.CONN_FIN_WAIT2,
-    "06": psutil.CONN_TIME_WAIT,
-    "07": psutil.CONN_CLOSE,
-    "08": psutil.CONN_CLOSE_WAIT,
-    "09": psutil.CONN_LAST_ACK,
-    "0A": psutil.CONN_LISTEN,
-    "0B": psutil.CONN_CLOSING,
-}
 
 _CMDLINE_MAX = 80
 
@@ -81,63 +51,6 @@ _CMDLINE_MAX = 80
 def worker_label(index: int) -> str:
     """The default label of the ``index``-th worker, oldest first."""
     return f"worker {index}"
-
-
-def format_address(addr: Optional[Address]) -> str:
-    """``127.0.0.1:5000``, ``[::1]:5000``, a Unix path, or ``-`` for none."""
-    if addr is None:
-        return "-"
-    if isinstance(addr, str):
-        return addr or "-"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True)
-class FdInfo:
-    """One open file descriptor of one process."""
-
-    fd: int
-    #: One of ``KINDS``.
-    kind: str
-    #: What /proc/PID/fd/FD links to, e.g. ``socket:[4242]`` or ``/dev/null``.
-    target: str
-    #: True when a child would inherit it across exec (O_CLOEXEC not set);
-    #: None where the platform cannot tell.
-    inheritable: Optional[bool] = None
-    laddr: Optional[Address] = None
-    raddr: Optional[Address] = None
-    #: TCP state as psutil names it (``ESTABLISHED``, ``CLOSE_WAIT``, ``LISTEN``).
-    status: Optional[str] = None
-
-    def __str__(self) -> str:
-        parts = [str(self.fd), self.kind]
-        if self.kind in TCP_KINDS or self.kind == "udp":
-            if self.raddr is not None:
-                parts.append(f"{format_address(self.laddr)}->{format_address(self.raddr)}")
-            elif self.laddr is not None:
-                parts.append(format_address(self.laddr))
-            if self.status:
-                parts.append(self.status)
-        elif self.kind == "unix" and self.laddr:
-            parts.append(format_address(self.laddr))
-        elif self.kind in ("file", "other"):
-            parts.append(self.target)
-        elif self.kind == "anon":
-            parts.append(self.target.split(":", 1)[-1].strip("[]"))
-        return " ".join(parts)
-
-
-def describe_fds(fds: Sequence[FdInfo], limit: int = 10) -> str:
-    """``7 tcp ..., 9 unix`` for the first ``limit`` fds, then ``... and N more``."""
-    text = ", ".join(str(info) for info in fds[:limit])
-    if len(fds) > limit:
-        text += f", ... and {len(fds) - limit} more"
-    return text
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 @dataclass(frozen=True, repr=False)
@@ -316,12 +229,12 @@ class ProcessDiff:
         if self.process_vanished:
             return f"{head}: process vanished"
         if self.process_appeared:
-            return f"{head}: process appeared with {_plural(self.process.fd_count, 'fd')}"
+            return f"{head}: process appeared with {plural(self.process.fd_count, 'fd')}"
         changes = []
         if self.appeared:
-            changes.append(f"+{_plural(len(self.appeared), 'fd')}: {describe_fds(self.appeared)}")
+            changes.append(f"+{plural(len(self.appeared), 'fd')}: {describe_fds(self.appeared)}")
         if self.vanished:
-            changes.append(f"-{_plural(len(self.vanished), 'fd')}: {describe_fds(self.vanished)}")
+            changes.append(f"-{plural(len(self.vanished), 'fd')}: {describe_fds(self.vanished)}")
         return f"{head}: " + "; ".join(changes) if changes else f"{head}: no change"
 
 
@@ -396,193 +309,12 @@ class SnapshotDiff:
         return "\n".join(str(d) for d in self.changes)
 
 
-# -- reading a process ------------------------------------------------------
-
-_SockEntry = Tuple[str, Optional[Address], Optional[Address], Optional[str]]
-
-
-def _kind_of(target: str) -> str:
-    if target.startswith("socket:"):
-        return "socket"  # refined from the socket tables later
-    if target.startswith("pipe:"):
-        return "pipe"
-    if target.startswith("anon_inode:"):
-        return "anon"
-    if target.startswith("/"):
-        return "file"
-    return "other"
-
-
-def _inode(target: str) -> str:
-    return target[target.find("[") + 1 : -1]
-
-
-def _decode_inet(field: str, family: int) -> Optional[Tuple[str, int]]:
-    """Decode ``0100007F:1388`` (address in host byte order per 32-bit word)."""
-    host_hex, port_hex = field.split(":")
-    port = int(port_hex, 16)
-    if not port:
-        return None
-    raw = bytes.fromhex(host_hex)
-    if sys.byteorder == "little":
-        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return (socket.inet_ntop(family, raw), port)
-
-
-def _parse_inet_row(cols: List[str], kind: str, family: int) -> _SockEntry:
-    status = _TCP_STATES.get(cols[3]) if kind in TCP_KINDS else None
-    return (kind, _decode_inet(cols[1], family), _decode_inet(cols[2], family), status)
-
-
-def _parse_unix_row(cols: List[str]) -> _SockEntry:
-    return ("unix", cols[7].strip() if len(cols) > 7 else None, None, None)
-
-
-# Cheapest and most common in a prefork tree first: reading /proc/net/tcp
-# walks the kernel's whole hash table, a millisecond or more on a busy host.
-_SOCKET_TABLES = (
-    ("unix", "unix", socket.AF_UNIX, 6),
-    ("tcp", "tcp", socket.AF_INET, 9),
-    ("tcp6", "tcp6", socket.AF_INET6, 9),
-    ("udp", "udp", socket.AF_INET, 9),
-    ("udp6", "udp", socket.AF_INET6, 9),
-)
-
-
-def _read_socket_tables(pids: List[int], wanted: Set[str]) -> Dict[str, _SockEntry]:
-    """Entries for the ``wanted`` inodes from the socket tables of the netns of ``pids``.
-
-    Stops reading tables once every inode is found.  Any of ``pids`` will do,
-    as they share a namespace; the next is tried if one has exited.
-    """
-    found: Dict[str, _SockEntry] = {}
-    for name, kind, family, inode_col in _SOCKET_TABLES:
-        if not wanted:
-            break
-        lines: List[str] = []
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/net/{name}") as f:
-                    lines = f.readlines()[1:]
-                break
-            except OSError:
-                lines = []  # process gone, or protocol absent (no IPv6)
-        for line in lines:
-            cols = line.split(None, 7) if kind == "unix" else line.split()
-            if len(cols) <= inode_col or cols[inode_col] not in wanted:
-                continue
-            inode = cols[inode_col]
-            found[inode] = _parse_unix_row(cols) if kind == "unix" else _parse_inet_row(cols, kind, family)
-            wanted.discard(inode)
-    return found
-
-
-def _netns(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net")
-    except OSError:
-        return f"pid {pid}"
-
-
-def _resolve_sockets(fds_by_pid: Dict[int, List[FdInfo]]) -> Dict[int, List[FdInfo]]:
-    """Fill in kind, addresses and TCP state of every socket, reading each netns's tables once."""
-    pids_by_netns: Dict[str, List[int]] = {}
-    wanted_by_netns: Dict[str, Set[str]] = {}
-    for pid, fds in fds_by_pid.items():
-        inodes = {_inode(info.target) for info in fds if info.kind == "socket"}
-        if inodes:
-            netns = _netns(pid)
-            pids_by_netns.setdefault(netns, []).append(pid)
-            wanted_by_netns.setdefault(netns, set()).update(inodes)
-    # Socket inodes are unique across namespaces, so one map serves them all.
-    entries: Dict[str, _SockEntry] = {}
-    for netns, wanted in wanted_by_netns.items():
-        entries.update(_read_socket_tables(pids_by_netns[netns], wanted))
-    resolved = {}
-    for pid, fds in fds_by_pid.items():
-        resolved[pid] = [_with_socket(info, entries.get(_inode(info.target))) for info in fds]
-    return resolved
-
-
-def _with_socket(info: FdInfo, entry: Optional[_SockEntry]) -> FdInfo:
-    if info.kind != "socket" or entry is None:
-        return info  # not a socket, or one of a family we do not parse (netlink, raw)
-    kind, laddr, raddr, status = entry
-    return FdInfo(info.fd, kind, info.target, info.inheritable, laddr, raddr, status)
-
-
-def _read_flags(pid: int, fd: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _fds_from_procfs(pid: int) -> List[FdInfo]:
-    """Descriptors from /proc, sockets unresolved.  Raises FileNotFoundError if the process is gone."""
-    fds = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        fd = int(name)
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-        except FileNotFoundError:
-            continue  # closed since the listing
-        flags = _read_flags(pid, fd)
-        inheritable = None if flags is None else not flags & O_CLOEXEC
-        fds.append(FdInfo(fd, _kind_of(target), target, inheritable))
-    return fds
-
-
-def _psutil_address(addr: object) -> Optional[Address]:
-    if not addr:
-        return None
-    if isinstance(addr, str):
-        return addr
-    return (addr[0], addr[1])  # type: ignore[index]
-
-
-def _fds_from_psutil(proc: psutil.Process) -> List[FdInfo]:
-    """Descriptors psutil can name with a number: regular files and inet/Unix sockets."""
-    fds: Dict[int, FdInfo] = {}
-    for f in proc.open_files():
-        if f.fd >= 0:
-            fds[f.fd] = FdInfo(f.fd, "file", f.path)
-    # net_connections is psutil >= 6; connections its older name.
-    connections = getattr(proc, "net_connections", None) or proc.connections
-    for c in connections(kind="all"):
-        if c.fd < 0:
-            continue
-        if c.family == socket.AF_UNIX:
-            kind = "unix"
-        elif c.type == socket.SOCK_STREAM:
-            kind = "tcp6" if c.family == socket.AF_INET6 else "tcp"
-        else:
-            kind = "udp"
-        status = c.status if c.status != psutil.CONN_NONE else None
-        fds[c.fd] = FdInfo(
-            c.fd, kind, f"socket:{kind}", None, _psutil_address(c.laddr), _psutil_address(c.raddr), status
-        )
-    return [fds[fd] for fd in sorted(fds)]
-
-
 def _short_cmdline(proc: psutil.Process) -> str:
     try:
         text = " ".join(proc.cmdline()) or proc.name()
     except psutil.AccessDenied:
         text = proc.name()
     return text if len(text) <= _CMDLINE_MAX else text[: _CMDLINE_MAX - 3] + "..."
-
-
-def _tree(master_pid: int) -> List[psutil.Process]:
-    try:
-        master = psutil.Process(master_pid)
-        return [master] + master.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Snapshot:
@@ -596,7 +328,7 @@ def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Sna
     taken_at = time.monotonic()
     found: Dict[int, Tuple[int, float, str, bool]] = {}  # pid -> ppid, create_time, cmdline, visible
     fds_by_pid: Dict[int, List[FdInfo]] = {}
-    for proc in _tree(master_pid):
+    for proc in proctree.target_processes(master_pid):
         try:
             with proc.oneshot():
                 if proc.status() == psutil.STATUS_ZOMBIE:
@@ -604,7 +336,7 @@ def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Sna
                 ppid, create_time, cmdline = proc.ppid(), proc.create_time(), _short_cmdline(proc)
             visible = True
             try:
-                fds = _fds_from_procfs(proc.pid) if _USE_PROCFS else _fds_from_psutil(proc)
+                fds = read_fds(proc)
             except (PermissionError, psutil.AccessDenied):
                 fds, visible = [], False
         except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
@@ -613,9 +345,8 @@ def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Sna
             continue  # not even its status is ours to read (another user's, off Linux)
         found[proc.pid] = (ppid, create_time, cmdline, visible)
         fds_by_pid[proc.pid] = fds
-    if _USE_PROCFS:
-        # After every fd was listed, so the tables are at least as new as any socket seen.
-        fds_by_pid = _resolve_sockets(fds_by_pid)
+    # After every fd was listed, so the socket tables are at least as new as any socket seen.
+    fds_by_pid = resolve_sockets(fds_by_pid)
 
     processes: Dict[int, ProcessView] = {}
     workers = 0

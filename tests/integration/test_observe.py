@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, TypeVar
 import psutil
 import pytest
 
-from pytest_fdcluster import observe
+from pytest_fdcluster import descriptors, observe
 from pytest_fdcluster.checks import (
     CLOSE_WAIT_FAILED,
     FD_LEAK_FAILED,
@@ -403,7 +403,7 @@ class TestDescriptors:
             assert sum(proc.kinds.values()) == proc.fd_count
 
     def test_psutil_fallback(self, targets, monkeypatch):
-        monkeypatch.setattr(observe, "_USE_PROCFS", False)
+        monkeypatch.setattr(descriptors, "USE_PROCFS", False)
         target = targets(Prefork, 1)
         snap = target.snapshot()
         (listening,) = snap.master.listening
@@ -553,7 +553,8 @@ class TestDiff:
         with pytest.raises(FdLeakError) as info:
             assert_no_fd_leak(before, target.snapshot(), cycles=3)
         assert str(info.value).startswith(
-            f"{FD_LEAK_FAILED} in worker 0 (pid {target.worker_pids[0]}): 3 fds appeared over 3 cycles (1.0 per cycle): "
+            f"{FD_LEAK_FAILED} in worker 0 (pid {target.worker_pids[0]}): "
+            "3 fds appeared over 3 cycles (1.0 per cycle): "
         )
         target.command("release 0", "released")
         assert_no_fd_leak(before, target.snapshot(), cycles=3)

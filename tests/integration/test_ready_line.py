@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+from fdcluster_server.config import READY_TAG
+from pytest_fdcluster.readiness import parse_ready_line
 from pytest_fdcluster.target import TargetSpec, TargetStartupError, start_target
 
 # Serves ping at once, but announces readiness only once the test creates the go file.
@@ -31,7 +33,8 @@ threading.Thread(target=accept, daemon=True).start()
 deadline = time.monotonic() + 30
 while not os.path.exists(go) and time.monotonic() < deadline:
     time.sleep(0.01)
-print("fdcluster-ready " + json.dumps({"host": "127.0.0.1", "port": port, "pid": os.getpid(), "workers": []}), flush=True)
+info = {"host": "127.0.0.1", "port": port, "pid": os.getpid(), "workers": []}
+print("fdcluster-ready " + json.dumps(info), flush=True)
 time.sleep(60)
 """
 
@@ -72,3 +75,21 @@ def test_without_it_the_port_and_ping_suffice(tmp_path):
 def test_missing_line_is_named_in_the_timeout(tmp_path):
     with pytest.raises(TargetStartupError, match="no fdcluster-ready line on stdout"):
         start_target(spec(tmp_path, True, timeout=1.0))
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (f'{READY_TAG} {{"port": 5000}}', {"port": 5000}),
+        (f'{READY_TAG}   {{"port": 5000}}', {"port": 5000}),
+        (f'{READY_TAG}{{"port": 5000}}', None),
+        (f'{READY_TAG}-2 {{"port": 5000}}', None),
+        (f'log: {READY_TAG} {{"port": 5000}}', None),
+        (f"{READY_TAG} [5000]", None),
+        (f"{READY_TAG} not json", None),
+        (READY_TAG, None),
+        ("", None),
+    ],
+)
+def test_ready_line_is_the_server_tag_a_space_and_a_json_object(line, expected):
+    assert parse_ready_line(line) == expected

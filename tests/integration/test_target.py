@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from fdcluster_server import protocol
-from pytest_fdcluster import guard, target
+from pytest_fdcluster import guard, guard_client, proctree, target
 from pytest_fdcluster.client import Client
 from pytest_fdcluster.target import RunningTarget, TargetSpec, TargetStartupError, start_target
 
@@ -147,12 +147,12 @@ main()
 # Stands in for a pytest process that starts a target and is then SIGKILLed.
 DRIVER = r'''
 import json, sys
-from pytest_fdcluster import target
+from pytest_fdcluster import guard_client, target
 
 spec = target.TargetSpec(json.loads(sys.argv[1]), workers=int(sys.argv[2]))
 running = target.start_target(spec)
 print(json.dumps({"master": running.master_pid, "workers": running.worker_pids(),
-                  "guard": target._guard_link.pid}), flush=True)
+                  "guard": guard_client.link.pid}), flush=True)
 sys.stdin.read()
 '''
 
@@ -192,7 +192,7 @@ def pid_gone(pid: int) -> bool:
 
 def session_of_two(sid: int) -> List[int]:
     """The session's pids once it has both processes of a forked sleeper, else []."""
-    pids = guard.session_pids([sid])
+    pids = proctree.session_pids([sid])
     return pids if len(pids) == 2 else []
 
 
@@ -623,7 +623,7 @@ class TestOrphanGuard:
         self, reaper: Reaper, prefork: Callable[..., List[str]]
     ) -> None:
         running = reaper.start(python_spec(prefork(), workers=2))
-        write_fd = target._guard_link.write_fd
+        write_fd = guard_client.link.write_fd
         assert write_fd is not None
         guard_pipe = f"pipe:[{os.fstat(write_fd).st_ino}]"
         for pid in [running.master_pid, *running.worker_pids()]:

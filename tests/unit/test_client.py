@@ -3,14 +3,18 @@
 The server is a thread that accepts connections and answers each request by
 its method: ``ping`` echoes, and a few test-only methods misbehave on purpose
 (split the response byte by byte, send garbage, close, reset, stay silent).
+It listens on TCP, or on an abstract Unix address as the reference server's
+control socket does.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import sys
 import threading
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple, Union
 
 import pytest
 
@@ -26,13 +30,25 @@ from pytest_fdcluster.client import (
 
 SHORT = 0.3  # a timeout the tests expect to expire
 
+needs_abstract_unix = pytest.mark.skipif(
+    not sys.platform.startswith("linux"),
+    reason="abstract Unix socket addresses are Linux-only (the reference server's control socket uses one)",
+)
+
 
 class ScriptedServer:
     """A loopback server thread whose behaviour is chosen per request by the method name."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
+    def __init__(self, unix_name: Optional[str] = None) -> None:
+        self.address: Union[Tuple[str, int], str]
+        if unix_name is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.address = self.listener.getsockname()[:2]
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind("\0" + unix_name)
+            self.listener.listen()
+            self.address = "@" + unix_name  # the server's spelling, as in its fdcluster-ready line
         self.peers: List[tuple] = []
         self.events: List[str] = []
         self.errors: List[BaseException] = []
@@ -146,16 +162,26 @@ class ScriptedServer:
             self.errors.append(AssertionError(f"server threads did not stop: {stuck}"))
 
 
-@pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    """A scripted server; errors from its threads are re-raised here."""
-    srv = ScriptedServer()
+def serving(srv: ScriptedServer) -> Iterator[ScriptedServer]:
+    """Yield ``srv``, close it, then re-raise the first error of its threads."""
     try:
         yield srv
     finally:
         srv.close()
     if srv.errors:
         raise srv.errors[0]
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    """A scripted server on loopback TCP."""
+    yield from serving(ScriptedServer())
+
+
+@pytest.fixture
+def unix_server(request: pytest.FixtureRequest) -> Iterator[ScriptedServer]:
+    """A scripted server on an abstract Unix address unique to this test."""
+    yield from serving(ScriptedServer(unix_name=f"fdcluster-test-client-{os.getpid()}-{id(request)}"))
 
 
 @pytest.fixture
@@ -328,3 +354,33 @@ class TestConnection:
         assert address is not None
         with pytest.raises(ConnectionRefusedError):
             Client(address)
+
+
+@needs_abstract_unix
+class TestUnixSocket:
+    def test_call_over_an_abstract_address(self, unix_server: ScriptedServer) -> None:
+        with Client(unix_server.address) as client:
+            assert client.call("ping", {"n": 1}) == {"n": 1}
+
+    def test_the_kernel_spelling_of_an_abstract_address(self, unix_server: ScriptedServer) -> None:
+        assert isinstance(unix_server.address, str)
+        with Client("\0" + unix_server.address[1:]) as client:
+            assert client.call("ping", 2) == 2
+
+    def test_request_half_close_and_read_to_the_end(self, unix_server: ScriptedServer) -> None:
+        # What Cluster asks the control socket: one request, FIN, the answer, then the server's FIN.
+        with Client(unix_server.address) as client:
+            client.send_frame({"in": "ping", "params": "stats?"})
+            client.shutdown_write()
+            assert client.recv_frame() == {"out": protocol.OUT_PONG, "result": "stats?"}
+            assert client.expect_eof() == "eof"
+
+    def test_messages_name_the_address_as_the_server_spells_it(self, unix_server: ScriptedServer) -> None:
+        with Client(unix_server.address) as client:
+            client.send_frame({"in": "silent"})
+            with pytest.raises(ClientTimeout, match=f"no frame from {unix_server.address} within"):
+                client.recv_frame(timeout=SHORT)
+
+    def test_missing_socket_is_refused(self) -> None:
+        with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+            Client(f"@fdcluster-test-client-nobody-{os.getpid()}")
