@@ -29,7 +29,7 @@ from .config import EXIT_OK, EXIT_STARTUP_FAILED, EXIT_WORKER_CRASHED, READY_TAG
 from .control import ControlServer
 from .dispatch import SHARED_ACCEPT, Dispatcher, WorkerSlot
 from .handlers import Handler
-from .worker import Worker
+from .worker import Worker, close_inherited_fds
 
 log = logging.getLogger("fdcluster.master")
 
@@ -408,20 +408,3 @@ class Master:
                   "respawns": sum(slot.respawns for slot in self.slots.values()), "stopping": self.stopping}
         return {"master": master, "workers": workers}
 
-
-def close_inherited_fds(keep: set) -> None:
-    """In a new worker: close every descriptor of the master's except ``keep``.
-
-    Client sockets the master holds must not survive in a worker, or a client
-    would never see its connection close.
-    """
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
-    for fd in fds:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass

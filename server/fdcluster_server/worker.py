@@ -20,7 +20,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from . import channel as ch
 from . import protocol, signals
@@ -350,3 +350,20 @@ class Worker:
         # A connection that has not sent its first request yet may have one on the way.
         return conn.requests > 0 or now - self.drain_started > DRAIN_IDLE_GRACE
 
+
+def close_inherited_fds(keep: Set[int]) -> None:
+    """In a new worker: close every descriptor of the master's except ``keep``.
+
+    Client sockets the master holds must not survive in a worker, or a client
+    would never see its connection close.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed already: the descriptor listdir() used

@@ -51,7 +51,7 @@ class Server:
         )
         self.info = None
 
-    def wait_ready(self) -> "Server":
+    def wait_ready(self) -> Server:
         selector = selectors.DefaultSelector()
         selector.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + STARTUP_TIMEOUT

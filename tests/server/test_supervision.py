@@ -9,7 +9,6 @@ import threading
 
 import psutil
 import pytest
-
 from conftest import call, closed_by_peer, connect, recv_frame, wait_for
 
 from fdcluster_server import protocol
@@ -99,12 +98,12 @@ class TestWorkerDeath:
 
     def test_crashing_worker_is_reaped_and_respawned(self, start_server):
         server = start_server("--workers", "1", "--handlers", "handlers_for_tests")
-        for round_ in range(3):
+        for _ in range(3):
             before = server.workers()
             with connect(server.address) as sock:
                 sock.sendall(protocol.request("die"))
                 assert closed_by_peer(sock) in ("eof", "reset")
-            wait_for(lambda: server.workers() and server.workers() != before, timeout=10, what="respawn")
+            wait_for(lambda before=before: server.workers() and server.workers() != before, timeout=10, what="respawn")
             assert server.zombies() == []
         assert "exited with code 7" in server.stderr()
         with connect(server.address) as sock:
@@ -152,12 +151,14 @@ class TestShutdown:
             assert closed_by_peer(stuck) in ("eof", "reset")
         assert "still running after the grace period" in server.stderr()
 
-    def test_sigint_stops_fast(self, start_server):
+    @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
+    def test_sigint_and_sigquit_stop_fast(self, start_server, signum):
         server = start_server("--workers", "2")
         workers = server.workers()
         with connect(server.address) as sock:
             call(sock, "ping")
-            server.proc.send_signal(signal.SIGINT)
+            server.proc.send_signal(signum)
             assert server.proc.wait(10) == 0
             assert closed_by_peer(sock) in ("eof", "reset")
-        wait_for(lambda: gone(workers), what="workers to exit")
+        wait_for(lambda: gone(workers), what=f"workers {workers} to exit")
+        assert f"master {server.pid}: fast stop" in server.stderr(), f"{signum.name} did not take the fast path"
