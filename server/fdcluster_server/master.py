@@ -36,6 +36,7 @@ log = logging.getLogger("fdcluster.master")
 QUICK_DEATH = 1.0  # a worker dying sooner than this after its start counts as a crash loop
 FAST_STOP_TIMEOUT = 1.0
 GRACEFUL, FAST = "graceful", "fast"  # values of Master.stopping, as stats reports them
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)  # each by Master.handle_<name>
 _READ = selectors.EVENT_READ
 
 
@@ -101,10 +102,8 @@ class Master:
     # -- start-up -------------------------------------------------------------------
 
     def install_signals(self) -> None:
-        wakeup = self.signals.install(
-            (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD),
-            ignored=(signal.SIGPIPE,),  # a dead worker's channel gives EPIPE, not death
-        )
+        # SIGPIPE ignored: a dead worker's channel gives EPIPE, not death.
+        wakeup = self.signals.install(HANDLED_SIGNALS, ignored=(signal.SIGPIPE,))
         self.selector.register(wakeup, _READ, lambda mask: self.signals.drain())
 
     # -- main loop ------------------------------------------------------------------

@@ -11,7 +11,8 @@ import psutil
 import pytest
 from conftest import call, closed_by_peer, connect, recv_frame, wait_for
 
-from fdcluster_server import protocol
+from fdcluster_server import protocol, signals
+from fdcluster_server.master import HANDLED_SIGNALS, Master
 
 
 def gone(pids):
@@ -116,6 +117,13 @@ class TestWorkerDeath:
         wait_for(lambda: server.stats()["master"]["respawns"] == 1 and len(server.workers()) == 2, what="respawn")
         unix_after = len([c for c in psutil.Process(server.pid).net_connections("unix")])
         assert unix_after == unix_before
+
+
+class TestSignals:
+    def test_every_signal_the_master_queues_has_its_handler(self):
+        names = [signals.handler_name(signum) for signum in HANDLED_SIGNALS]
+        missing = [name for name in names if not callable(getattr(Master, name, None))]
+        assert missing == [], f"the master queues signals it has no handle_<name> method for: {missing}"
 
 
 class TestShutdown:
