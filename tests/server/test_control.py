@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import time
-from typing import List
 
 import psutil
 from conftest import wait_for
@@ -16,28 +13,11 @@ from fdcluster_server import protocol
 from fdcluster_server.control import STATS_TIMEOUT
 
 
-def control(server, *frames: bytes) -> List[dict]:
-    """Send ``frames`` on one control connection, half-close, and return every reply until the master's EOF."""
-    address = server.info["control"]
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect("\0" + address[1:])
-        sock.sendall(b"".join(frames))
-        sock.shutdown(socket.SHUT_WR)
-        decoder = protocol.FrameDecoder()
-        bodies: List[bytes] = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return [json.loads(body) for body in bodies]
-            bodies += decoder.feed(data)
-
-
 class TestMethods:
     def test_workers_ping_and_errors_answered_in_order(self, start_server):
         server = start_server("--workers", "2")
-        replies = control(server, protocol.request("workers"), protocol.request("ping"),
-                          protocol.request("reboot"), protocol.encode_body(b"{not json"))
+        replies = server.control(protocol.request("workers"), protocol.request("ping"),
+                                 protocol.request("reboot"), protocol.encode_body(b"{not json"))
         assert [r["out"] for r in replies] == ["workers", "pong", "error", "error"], replies
         table = replies[0]["result"]
         assert [w["index"] for w in table] == [0, 1]
@@ -46,8 +26,7 @@ class TestMethods:
 
     def test_stats_names_every_worker_slot(self, start_server):
         server = start_server("--workers", "3")
-        (reply,) = control(server, protocol.request("stats"))
-        stats = reply["result"]
+        stats = server.stats()
         assert stats["master"]["pid"] == server.pid and stats["master"]["stopping"] is None
         assert [w["index"] for w in stats["workers"]] == [0, 1, 2]
         assert all(w["reported"] and w["respawns"] == 0 for w in stats["workers"]), stats["workers"]
