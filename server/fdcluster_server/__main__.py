@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 from . import __version__, handlers
 from .config import EXIT_USAGE, READY_TAG, ServerConfig, default_workers
@@ -13,35 +13,32 @@ from .dispatch import STRATEGIES
 from .master import Master
 from .protocol import DEFAULT_MAX_FRAME
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+Number = TypeVar("Number", int, float)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return value
+def _checked(convert: Callable[[str], Number], valid: Callable[[Number], bool], kind: str,
+             expected: Optional[str] = None) -> Callable[[str], Number]:
+    """An argparse ``type``: ``convert`` the text, then reject what is not ``valid``.
+
+    Its errors read "expected KIND, got 'x'" when the text does not convert,
+    "expected EXPECTED, got 'x'" (EXPECTED defaults to KIND) when it is out of range.
+    """
+
+    def parse(text: str) -> Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected or kind}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+_positive_int = _checked(int, lambda n: n >= 1, "a positive integer")
+_port = _checked(int, lambda n: 0 <= n <= 65535, "a port number 0-65535")
+_seconds = _checked(float, lambda x: x > 0, "a number of seconds", "a positive number of seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,26 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Once every worker is up, one line is printed on stdout: '{READY_TAG} {{json}}' "
         "with host, port, pid, workers, strategy and control.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all interfaces)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=_port, default=0, help="TCP port; 0 picks a free one (default: 0)")
-    parser.add_argument("--workers", type=_positive_int, default=default_workers(), help="worker processes (default: CPU count)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default=STRATEGIES[0], help="how connections reach workers (default: round-robin)")
-    parser.add_argument("--max-frame", type=_positive_int, default=DEFAULT_MAX_FRAME, help="largest frame body in bytes (default: 1 MiB)")
-    parser.add_argument("--idle-timeout", type=_seconds, default=10.0, help="close a connection whose incomplete frame is older than this (default: 10 s)")
-    parser.add_argument("--graceful-timeout", type=_seconds, default=10.0, help="after SIGTERM, how long workers may finish in-flight requests (default: 10 s)")
-    parser.add_argument("--handoff-window", type=_positive_int, default=4, help="unacknowledged handoffs per worker before it is skipped (default: 4)")
-    parser.add_argument("--max-pending", type=_positive_int, default=1024, help="accepted connections waiting for a worker before accepting pauses (default: 1024)")
+    parser.add_argument("--workers", type=_positive_int, default=default_workers(),
+                        help="worker processes (default: CPU count)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=STRATEGIES[0],
+                        help="how connections reach workers (default: round-robin)")
+    parser.add_argument("--max-frame", type=_positive_int, default=DEFAULT_MAX_FRAME,
+                        help="largest frame body in bytes (default: 1 MiB)")
+    parser.add_argument("--idle-timeout", type=_seconds, default=10.0,
+                        help="close a connection whose incomplete frame is older than this (default: 10 s)")
+    parser.add_argument("--graceful-timeout", type=_seconds, default=10.0,
+                        help="after SIGTERM, how long workers may finish in-flight requests (default: 10 s)")
+    parser.add_argument("--handoff-window", type=_positive_int, default=4,
+                        help="unacknowledged handoffs per worker before it is skipped (default: 4)")
+    parser.add_argument("--max-pending", type=_positive_int, default=1024,
+                        help="accepted connections waiting for a worker before accepting pauses (default: 1024)")
     parser.add_argument("--backlog", type=_positive_int, default=1024, help="listen() backlog (default: 1024)")
     parser.add_argument("--handlers", action="append", default=[], metavar="MODULE[:NAME]",
                         help="add RPC methods from a dict of name -> callable (default NAME: HANDLERS); repeatable")
     parser.add_argument("--control", default=None, metavar="PATH",
-                        help="Unix socket answering 'stats' (default: abstract @fdcluster-PID on Linux; 'none' disables)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="stderr log level (default: info)")
+                        help="Unix socket answering 'stats' "
+                        "(default: abstract @fdcluster-PID on Linux; 'none' disables)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="stderr log level (default: info)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
-def parse_config(argv: Optional[List[str]] = None) -> "tuple[ServerConfig, argparse.Namespace]":
+def parse_config(argv: Optional[List[str]] = None) -> Tuple[ServerConfig, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
     control = "" if args.control == "none" else args.control

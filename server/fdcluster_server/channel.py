@@ -128,10 +128,9 @@ class Channel:
                     os.close(fd)
                 fds = []
             kind, arg = HEADER.unpack_from(data) if len(data) >= HEADER.size else (0, 0)
-            fd = fds[0] if fds else None
             for extra in fds[1:]:
                 os.close(extra)
-            yield Record(kind, arg, bytes(data[HEADER.size :]), fd, truncated)
+            yield Record(kind, arg, bytes(data[HEADER.size :]), fds[0] if fds else None, truncated)
 
 
 def _fds_from(ancdata: list) -> List[int]:

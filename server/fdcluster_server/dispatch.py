@@ -10,7 +10,7 @@ worker acknowledges it, then closes the master's copy.  A socket whose worker
 died or rejected it goes back to the front of the queue, so no accepted
 connection is lost to a worker's death.
 
-Pure: the channel and the connection are duck-typed objects, so the tests drive
+Pure: the channel (``HandoffSink``) and the socket (``AcceptedSocket``) are duck-typed, so the tests drive
 this module with fakes.
 """
 
@@ -31,30 +31,33 @@ STRATEGIES = (ROUND_ROBIN, LEAST_CONNECTIONS, SHARED_ACCEPT)
 _RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
 
 
-class Connection(Protocol):
-    """An accepted client socket, as the dispatcher sees it."""
+class AcceptedSocket(Protocol):
+    """An accepted client socket, as the dispatcher sees it (``acceptor.ClientSocket``).
+
+    Not ``worker.Connection``, the worker's live client with its buffers.
+    """
 
     def fileno(self) -> int: ...
 
     def close(self) -> None: ...
 
 
-class Channel(Protocol):
-    """The master's end of one worker's socketpair."""
+class HandoffSink(Protocol):
+    """Where the dispatcher sends a worker's sockets: ``channel.Channel``, or a fake in tests."""
 
     def send_handoff(self, conn_id: int, fd: int) -> None: ...
 
 
 class WorkerSlot:
-    """The master's view of one live worker."""
+    """The master's view of one live worker, in the handoff rotation from READY to death."""
 
     __slots__ = ("index", "pid", "channel", "unacked", "active", "handed", "acked", "rejected", "full_since")
 
-    def __init__(self, index: int, pid: int, channel: Channel) -> None:
+    def __init__(self, index: int, pid: int, channel: HandoffSink) -> None:
         self.index = index
         self.pid = pid
         self.channel = channel
-        self.unacked: Dict[int, Connection] = {}
+        self.unacked: Dict[int, AcceptedSocket] = {}
         self.active = 0  # connections acknowledged and not yet reported closed
         self.handed = 0
         self.acked = 0
@@ -124,13 +127,13 @@ class Dispatcher:
         self.distribute()
         return [conn_id for conn_id, _ in orphans]
 
-    def queue(self, conn: Connection) -> None:
+    def queue(self, conn: AcceptedSocket) -> None:
         """A newly accepted socket waits for a worker; the next ``distribute`` hands it out."""
         self._next_id += 1
         self.accepted += 1
         self.pending.append((self._next_id, conn))
 
-    def distribute(self, conn: Optional[Connection] = None) -> None:
+    def distribute(self, conn: Optional[AcceptedSocket] = None) -> None:
         """Queue ``conn`` (if given) and hand out as many queued sockets as workers can take."""
         if conn is not None:
             self.queue(conn)
@@ -142,7 +145,7 @@ class Dispatcher:
             if not self.handoff(worker, conn_id, pending):
                 return  # the channel is full: try again after the next ack
 
-    def handoff(self, worker: WorkerSlot, conn_id: int, conn: Connection) -> bool:
+    def handoff(self, worker: WorkerSlot, conn_id: int, conn: AcceptedSocket) -> bool:
         """Send one socket to ``worker``; keep the master's copy until it is acknowledged.
 
         Returns False when the socket could not be sent and was requeued.
@@ -253,6 +256,7 @@ class Dispatcher:
             if len(worker.unacked) < self.window:
                 return worker
             now = self.clock() if now is None else now
+            assert worker.full_since is not None  # set whenever its window is full
             if now - worker.full_since < self.skip_after:
                 return None  # its acknowledgement is probably on the way: keep its turn
         return None  # every worker is full

@@ -64,7 +64,7 @@ def load(spec: str) -> Dict[str, Handler]:
     return dict(table)
 
 
-def build(specs: "list[str]") -> Dict[str, Handler]:
+def build(specs: list[str]) -> Dict[str, Handler]:
     """The built-ins overlaid with every user module, later ones winning."""
     table = dict(BUILTINS)
     for spec in specs:

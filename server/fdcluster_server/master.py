@@ -1,38 +1,42 @@
 """The master: accepts clients, hands them to workers, and supervises the workers.
 
 One class with a short loop, after gunicorn's Arbiter.  Signal handlers only
-queue the signal; the loop handles it (``handle_term``, ``handle_chld``...),
-then reaps, respawns and dispatches.  The handoff bookkeeping lives in
-``dispatch.Dispatcher``; this module does the I/O around it.
+queue the signal; the loop runs ``handle_<name>`` for each (``handle_term``,
+``handle_int``, ``handle_quit``, ``handle_chld``), then reaps, respawns and
+dispatches.  One ``Slot`` per worker index outlives the processes that fill
+it.  The listening socket lives in ``acceptor.Acceptor``, the handoff
+bookkeeping in ``dispatch.Dispatcher``, the control socket in
+``control.ControlServer``; this module supervises and moves the records.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import selectors
 import signal
-import socket
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 from . import channel as ch
-from . import protocol
+from . import signals
+from .acceptor import Acceptor
 from .config import EXIT_OK, EXIT_STARTUP_FAILED, EXIT_WORKER_CRASHED, READY_TAG, ServerConfig
+from .control import ControlServer
 from .dispatch import SHARED_ACCEPT, Dispatcher, WorkerSlot
 from .handlers import Handler
-from .worker import worker_main
+from .worker import Worker, close_inherited_fds
 
 log = logging.getLogger("fdcluster.master")
 
-ACCEPT_BATCH = 128  # accepts per wake-up, so a storm cannot starve the channels
 QUICK_DEATH = 1.0  # a worker dying sooner than this after its start counts as a crash loop
-STATS_TIMEOUT = 1.0  # how long a stats query waits for a paused or dying worker
 FAST_STOP_TIMEOUT = 1.0
+GRACEFUL, FAST = "graceful", "fast"  # values of Master.stopping, as stats reports them
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)  # each by Master.handle_<name>
 _READ = selectors.EVENT_READ
 
 
@@ -56,53 +60,27 @@ class Process:
         self.ready = False
 
 
-class ClientSocket:
-    """An accepted client as the master holds it: the bare descriptor, closed once.
+@dataclass
+class Slot:
+    """One worker index, across the successive processes that fill it.
 
-    The master never reads or writes a client: it passes the descriptor to a
-    worker and closes its own copy.  A ``socket.socket`` would cost a
-    ``getsockname()`` and two enum conversions per connection for nothing.
+    Not ``dispatch.WorkerSlot``, which is a live worker's place in the handoff rotation.
     """
 
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-
-class ControlClient:
-    """One connection to the control socket."""
-
-    __slots__ = ("sock", "decoder", "eof", "queries", "closed")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.decoder = protocol.FrameDecoder(64 * 1024)
-        self.eof = False
-        self.queries = 0  # stats queries still waiting for workers
-        self.closed = False
-
-
-class StatsQuery:
-    """A control client's stats request, waiting for every live worker's counters."""
-
-    def __init__(self, client: ControlClient, waiting: set, deadline: float) -> None:
-        self.client = client
-        self.waiting = waiting
-        self.deadline = deadline
-        self.counters: Dict[int, Dict[str, Any]] = {}
+    index: int
+    process: Optional[Process] = None  # None from its process's reaping to the next spawn
+    respawn_at: Optional[float] = None  # when the next process is due, while one is scheduled
+    quick_deaths: int = 0  # deaths in a row, each within QUICK_DEATH of its process's start
+    respawns: int = 0
 
 
 class Master:
-    """Supervisor of the workers and owner of the listening socket."""
+    """Supervisor of the workers, owner of the listening socket and the control socket.
+
+    Signals, each handled in the loop by ``handle_<name>``: SIGTERM stops
+    gracefully; SIGINT stops at once; SIGQUIT stops at once too, as SIGINT;
+    SIGCHLD reaps.
+    """
 
     def __init__(self, config: ServerConfig, handlers: Dict[str, Handler]) -> None:
         self.config = config
@@ -110,87 +88,38 @@ class Master:
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
         self.dispatcher = Dispatcher(config.strategy, config.handoff_window, config.max_pending)
-        self.listener: Optional[socket.socket] = None
-        self.accepting = False
-        self.control: Optional[socket.socket] = None
-        self.control_address: Optional[str] = None
+        self.acceptor = Acceptor(self.selector, self.dispatcher, self.pid)
+        self.control = ControlServer(self.selector, self)
+        self.signals = signals.SignalQueue()
         self.processes: Dict[int, Process] = {}  # pid -> process, until reaped
-        self.by_index: Dict[int, Process] = {}  # worker index -> its current process
-        self.respawn_at: Dict[int, float] = {}
-        self.quick_deaths: Dict[int, int] = {}
-        self.respawns: Dict[int, int] = {i: 0 for i in range(config.workers)}
+        self.slots: Dict[int, Slot] = {index: Slot(index) for index in range(config.workers)}
         self.deaths = 0
-        self.stopping: Optional[str] = None  # "graceful" or "fast"
+        self.stopping: Optional[str] = None  # GRACEFUL or FAST
         self.stop_deadline = 0.0
         self.drain_sent = False
         self.announced = False
-        self.queries: Dict[int, StatsQuery] = {}
-        self._next_query = 0
-        self._signals: List[int] = []
 
     # -- start-up -------------------------------------------------------------------
 
-    def bind(self) -> None:
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((self.config.host, self.config.port))
-            listener.listen(self.config.backlog)
-        except OSError:
-            listener.close()
-            raise
-        listener.setblocking(False)
-        self.listener = listener
-
-    def open_control(self) -> None:
-        address = self.config.control
-        if address == "":
-            return  # disabled by --control none
-        if address is None:
-            address = f"@fdcluster-{self.pid}" if sys.platform.startswith("linux") else f"/tmp/fdcluster-{self.pid}.sock"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        sock.listen(16)
-        sock.setblocking(False)
-        self.control, self.control_address = sock, address
-        self.selector.register(sock, _READ, self.accept_control)
-
     def install_signals(self) -> None:
-        read_end, write_end = os.pipe()
-        for fd in (read_end, write_end):
-            os.set_blocking(fd, False)
-        self._wakeup = read_end
-        signal.set_wakeup_fd(write_end)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
-            signal.signal(signum, self._queue_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a dead worker's channel gives EPIPE, not death
-        self.selector.register(read_end, _READ, self._drain_wakeup)
-
-    def _queue_signal(self, signum: int, frame: Any) -> None:
-        self._signals.append(signum)
-
-    def _drain_wakeup(self, mask: int) -> None:
-        try:
-            while os.read(self._wakeup, 512):
-                pass
-        except BlockingIOError:
-            pass
+        # SIGPIPE ignored: a dead worker's channel gives EPIPE, not death.
+        wakeup = self.signals.install(HANDLED_SIGNALS, ignored=(signal.SIGPIPE,))
+        self.selector.register(wakeup, _READ, lambda mask: self.signals.drain())
 
     # -- main loop ------------------------------------------------------------------
 
     def run(self) -> int:
         """Bind, spawn, serve until told to stop; return the exit code."""
         try:
-            self.bind()
+            self.acceptor.bind(self.config.host, self.config.port, self.config.backlog)
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.host, self.config.port, exc.strerror or exc)
             return EXIT_STARTUP_FAILED
         self.install_signals()
-        self.open_control()
-        for index in range(self.config.workers):
+        self.control.open(self.config.control, self.pid)
+        for index in self.slots:
             self.spawn_worker(index)
-        self.set_accepting(self.config.strategy != SHARED_ACCEPT)
+        self.acceptor.set_accepting(self.config.strategy != SHARED_ACCEPT)
         while True:
             for key, mask in self.selector.select(self.next_timeout()):
                 key.data(mask)
@@ -201,68 +130,70 @@ class Master:
                 continue
             self.reap_workers()
             self.respawn_due_workers()
-            turn = self.dispatcher.next_deadline()
-            if turn is not None and turn <= self.dispatcher.clock():
-                self.dispatcher.distribute()  # a stalled worker's turn has expired: pass it over
+            self.pass_expired_turn()
             self.announce_ready()
             self.manage_accepting()
-            self.expire_queries()
+            self.control.expire_queries()
 
     def next_timeout(self) -> float:
-        now = time.monotonic()
-        deadlines = list(self.respawn_at.values()) + [q.deadline for q in self.queries.values()]
-        turn = self.dispatcher.next_deadline()
-        if turn is not None:
-            deadlines.append(turn)
+        deadlines = [slot.respawn_at for slot in self.slots.values() if slot.respawn_at is not None]
+        for deadline in (self.control.next_deadline(), self.dispatcher.next_deadline()):
+            if deadline is not None:
+                deadlines.append(deadline)
         if self.stopping:
             deadlines.append(self.stop_deadline)
         if not deadlines:
             return 1.0
-        return max(0.0, min(1.0, min(deadlines) - now))
+        return max(0.0, min(1.0, min(deadlines) - time.monotonic()))
+
+    # -- signals, queued by their handlers and handled here --------------------------
 
     def handle_signals(self) -> None:
-        while self._signals:
-            signum = self._signals.pop(0)
-            if signum == signal.SIGCHLD:
-                self.reap_workers()
-            elif signum == signal.SIGTERM:
-                self.handle_term()
-            else:
-                self.handle_int()
+        """Run ``handle_<name>`` for each signal queued since the last turn, oldest first."""
+        for signum in self.signals.pending():
+            getattr(self, signals.handler_name(signum))()
+
+    def handle_chld(self) -> None:
+        """A worker died: reap it (and any other dead child) at once."""
+        self.reap_workers()
 
     def handle_term(self) -> None:
         """Graceful stop: no new clients; workers finish what is in flight."""
         if self.stopping:
-            return
+            return  # already stopping: a fast stop is never slowed down to a graceful one
         log.info("master %d: SIGTERM, draining (grace %.1f s)", self.pid, self.config.graceful_timeout)
-        self.stopping = "graceful"
+        self.stopping = GRACEFUL
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
-        self.close_listener()
-        self.respawn_at.clear()
+        self.acceptor.close()
+        self.cancel_respawns()
 
     def handle_int(self) -> None:
         """Fast stop: close everything, workers exit at once."""
-        if self.stopping == "fast":
-            return
+        if self.stopping == FAST:
+            return  # already stopping fast
         log.info("master %d: fast stop", self.pid)
-        self.stopping = "fast"
+        self.stopping = FAST
         self.stop_deadline = time.monotonic() + FAST_STOP_TIMEOUT
-        self.close_listener()
-        self.respawn_at.clear()
+        self.acceptor.close()
+        self.cancel_respawns()
         self.dispatcher.close_all()
         self.signal_workers(signal.SIGINT)
+
+    def handle_quit(self) -> None:
+        """SIGQUIT: a fast stop, the same as SIGINT."""
+        self.handle_int()
 
     def step_shutdown(self) -> bool:
         """One turn of shutdown; True once every worker is reaped."""
         self.reap_workers()
-        if self.stopping == "graceful" and not self.drain_sent and not self.dispatcher.pending:
+        if self.stopping == GRACEFUL and not self.drain_sent and not self.dispatcher.pending:
             # Handoffs already sent precede DRAIN on each channel, so they are served.
-            for process in self.by_index.values():
+            for process in self.live_processes():
                 self._send(process, ch.DRAIN)
             self.drain_sent = True
         if not self.processes:
             self.dispatcher.close_all()
-            self.close_control()
+            self.control.close()
             log.info("master %d: stopped", self.pid)
             return True
         if time.monotonic() >= self.stop_deadline:
@@ -271,9 +202,13 @@ class Master:
 
     # -- workers ----------------------------------------------------------------------
 
+    def live_processes(self) -> Iterator[Process]:
+        """Each slot's current process, by index (a dead one until it is reaped)."""
+        return (slot.process for slot in self.slots.values() if slot.process is not None)
+
     def spawn_worker(self, index: int) -> None:
         master_end, worker_end = ch.socketpair()
-        listener = self.listener if self.config.strategy == SHARED_ACCEPT else None
+        listener = self.acceptor.sock if self.config.strategy == SHARED_ACCEPT else None
         pid = os.fork()
         if pid == 0:  # the child: never returns into the master's code
             code = EXIT_WORKER_CRASHED
@@ -283,7 +218,7 @@ class Master:
                 if listener is not None:
                     keep.add(listener.fileno())
                 close_inherited_fds(keep)
-                code = worker_main(index, worker_end, self.config, self.handlers, self.pid, listener)
+                code = Worker(index, worker_end, self.config, self.handlers, self.pid, listener).run()
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -291,7 +226,7 @@ class Master:
         worker_end.close()
         process = Process(index, pid, ch.Channel(master_end), time.monotonic())
         self.processes[pid] = process
-        self.by_index[index] = process
+        self.slots[index].process = process
         self.selector.register(master_end, _READ, lambda mask, p=process: self.read_channel(p))
         log.info("worker %d: started, pid %d", index, pid)
 
@@ -301,9 +236,9 @@ class Master:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return  # no children left at all
             if pid == 0:
-                return
+                return  # the others are still running
             process = self.processes.pop(pid, None)
             if process is None:
                 continue  # not a worker of ours (a handler's own child, say)
@@ -313,8 +248,9 @@ class Master:
             if process.channel is not None:
                 self.read_channel(process)  # acknowledgements it sent before dying still count
             self.lose_worker(process)
-            if self.by_index.get(process.index) is process:
-                del self.by_index[process.index]
+            slot = self.slots[process.index]
+            if slot.process is process:
+                slot.process = None
                 if not self.stopping:
                     self.schedule_respawn(process)
 
@@ -329,28 +265,33 @@ class Master:
         self.selector.unregister(process.channel.sock)
         process.channel.close()
         process.channel = None
-        for query in self.queries.values():
-            query.waiting.discard(process.index)
+        self.control.worker_lost(process.index)
 
     def schedule_respawn(self, process: Process) -> None:
-        index = process.index
+        """Replace a dead worker: at once, or after a back-off growing with its quick deaths in a row."""
+        slot = self.slots[process.index]
         if time.monotonic() - process.started < QUICK_DEATH:
-            self.quick_deaths[index] = self.quick_deaths.get(index, 0) + 1
+            slot.quick_deaths += 1
         else:
-            self.quick_deaths[index] = 0
-        crashes = self.quick_deaths[index]
+            slot.quick_deaths = 0
+        crashes = slot.quick_deaths
         delay = 0.0 if crashes <= 1 else min(self.config.respawn_backoff_max, 0.05 * 2 ** crashes)
         if delay:
-            log.warning("worker %d: %d quick deaths in a row, respawning in %.2f s", index, crashes, delay)
-        self.respawn_at[index] = time.monotonic() + delay
+            log.warning("worker %d: %d quick deaths in a row, respawning in %.2f s", slot.index, crashes, delay)
+        slot.respawn_at = time.monotonic() + delay
 
     def respawn_due_workers(self) -> None:
         now = time.monotonic()
-        for index, when in list(self.respawn_at.items()):
-            if when <= now:
-                del self.respawn_at[index]
-                self.respawns[index] += 1
-                self.spawn_worker(index)
+        for slot in self.slots.values():
+            if slot.respawn_at is not None and slot.respawn_at <= now:
+                slot.respawn_at = None
+                slot.respawns += 1
+                self.spawn_worker(slot.index)
+
+    def cancel_respawns(self) -> None:
+        """Stopping: no worker is replaced any more."""
+        for slot in self.slots.values():
+            slot.respawn_at = None
 
     def signal_workers(self, signum: int) -> None:
         for pid in list(self.processes):
@@ -372,7 +313,7 @@ class Master:
     def read_channel(self, process: Process) -> None:
         channel = process.channel
         if channel is None:
-            return
+            return  # lost already: its records were read then
         index = process.index
         try:
             for record in channel.receive():
@@ -389,7 +330,7 @@ class Master:
                     process.ready = True
                     self.dispatcher.add(WorkerSlot(index, process.pid, channel))
                 elif kind == ch.COUNTERS:
-                    self.collect_counters(record.arg, index, record.json())
+                    self.control.collect_counters(record.arg, index, record.json())
                 if record.fd is not None:
                     os.close(record.fd)  # workers never send descriptors; never keep a stray one
         except EOFError:
@@ -397,7 +338,7 @@ class Master:
 
     def _send(self, process: Process, kind: int, arg: int = 0) -> None:
         if process.channel is None:
-            return
+            return  # lost: nothing to send to
         try:
             process.channel.send(kind, arg)
         except OSError:
@@ -405,215 +346,64 @@ class Master:
 
     # -- clients ----------------------------------------------------------------------
 
-    def accept_clients(self, mask: int) -> None:
-        """Queue a batch of new clients, then hand them out in one pass."""
-        listener = self.listener
-        dispatcher = self.dispatcher
-        try:
-            for _ in range(ACCEPT_BATCH):
-                if dispatcher.full:
-                    return
-                try:
-                    # What socket.accept() wraps: accept4(SOCK_CLOEXEC), giving the bare descriptor.
-                    fd, _ = listener._accept()
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                        continue  # the client gave up in the backlog
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("master %d: cannot accept: %s; pausing accepts", self.pid, exc.strerror)
-                        self.set_accepting(False)
-                        return
-                    raise
-                dispatcher.queue(ClientSocket(fd))
-        finally:
-            dispatcher.distribute()  # once per batch, not once per client
-
-    def set_accepting(self, accepting: bool) -> None:
-        if accepting == self.accepting or self.listener is None:
-            return
-        if accepting:
-            self.selector.register(self.listener, _READ, self.accept_clients)
-        else:
-            self.selector.unregister(self.listener)
-        self.accepting = accepting
-
     def manage_accepting(self) -> None:
         """Leave clients in the kernel's backlog while the pending queue is full."""
         if self.config.strategy != SHARED_ACCEPT:
-            self.set_accepting(not self.dispatcher.full)
+            self.acceptor.set_accepting(not self.dispatcher.full)
 
-    def close_listener(self) -> None:
-        if self.listener is not None:
-            self.set_accepting(False)
-            self.listener.close()
-            self.listener = None
+    def pass_expired_turn(self) -> None:
+        """Round-robin: a stalled worker's turn has expired, pass it over."""
+        turn = self.dispatcher.next_deadline()
+        if turn is not None and turn <= self.dispatcher.clock():
+            self.dispatcher.distribute()
 
     def announce_ready(self) -> None:
         """Print the one readiness line, once every worker is up."""
         if self.announced or len(self.dispatcher.workers) < self.config.workers:
-            return
+            return  # announced already, or some worker is not ready yet
         self.announced = True
-        host, port = self.listener.getsockname()[:2]
+        host, port = self.acceptor.address()
         info = {
             "host": host,
             "port": port,
             "pid": self.pid,
-            "workers": [self.by_index[i].pid for i in sorted(self.by_index)],
+            "workers": [process.pid for process in self.live_processes()],
             "strategy": self.config.strategy,
-            "control": self.control_address,
+            "control": self.control.address,
         }
         sys.stdout.write(f"{READY_TAG} {json.dumps(info)}\n")
         sys.stdout.flush()
         log.info("master %d: ready on %s:%d with %d workers", self.pid, host, port, self.config.workers)
 
-    # -- control socket: counters for the harness ----------------------------------
+    # -- what the control socket asks (control.ControlSource) ----------------------
 
-    def accept_control(self, mask: int) -> None:
-        try:
-            sock, _ = self.control.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        client = ControlClient(sock)
-        self.selector.register(sock, _READ, lambda m, c=client: self.read_control(c))
-
-    def read_control(self, client: "ControlClient") -> None:
-        try:
-            data = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            # The harness half-closes after its request and reads until EOF, so by the time it
-            # observes the cluster this connection is gone from the master's descriptors.
-            client.eof = True
-            self.selector.unregister(client.sock)
-            if not client.queries:
-                self.close_control_client(client)
-            return
-        bodies = client.decoder.feed(data)
-        for body in bodies:
-            try:
-                method, _ = protocol.parse_request(body)
-            except protocol.BadRequest as exc:
-                self.reply_control(client, protocol.error(str(exc)))
-                continue
-            if method == "stats":
-                self.start_stats_query(client)
-            elif method == "workers":
-                # Answered from the master's own table, so a paused worker cannot delay it.
-                table = [{"index": p.index, "pid": p.pid} for p in sorted(self.by_index.values(), key=lambda p: p.index)]
-                self.reply_control(client, protocol.response("workers", table))
-            elif method == "ping":
-                self.reply_control(client, protocol.response("pong", None))
-            else:
-                self.reply_control(client, protocol.error(f"unknown control method {method!r}"))
-        if client.decoder.failure is not None:
-            self.close_control_client(client)
-
-    def start_stats_query(self, client: "ControlClient") -> None:
-        self._next_query += 1
-        waiting = set()
-        for index, process in self.by_index.items():
+    def request_counters(self, query_id: int) -> Set[int]:
+        """Ask every ready worker for its counters; the indexes asked."""
+        asked = set()
+        for process in self.live_processes():
             if process.channel is not None and process.ready:
-                waiting.add(index)
-                self._send(process, ch.STATS, self._next_query)
-        self.queries[self._next_query] = StatsQuery(client, waiting, time.monotonic() + STATS_TIMEOUT)
-        client.queries += 1
-        if not waiting:
-            self.answer_query(self._next_query)
+                asked.add(process.index)
+                self._send(process, ch.STATS, query_id)
+        return asked
 
-    def collect_counters(self, query_id: int, index: int, counters: Dict[str, Any]) -> None:
-        query = self.queries.get(query_id)
-        if query is None:
-            return  # answered already (timed out)
-        query.counters[index] = counters
-        query.waiting.discard(index)
-        if not query.waiting:
-            self.answer_query(query_id)
-
-    def expire_queries(self) -> None:
-        now = time.monotonic()
-        for query_id, query in list(self.queries.items()):
-            if now >= query.deadline:
-                self.answer_query(query_id)
-
-    def answer_query(self, query_id: int) -> None:
-        query = self.queries.pop(query_id)
-        client = query.client
-        client.queries -= 1
-        self.reply_control(client, protocol.response("stats", self.stats(query.counters)))
-        if client.eof and not client.queries:
-            self.close_control_client(client)
+    def worker_table(self) -> List[Dict[str, int]]:
+        return [{"index": process.index, "pid": process.pid} for process in self.live_processes()]
 
     def stats(self, counters: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
         """The master's figures and each worker's, merged by worker index."""
         workers = []
-        for index in range(self.config.workers):
-            process = self.by_index.get(index)
-            slot = self.dispatcher.workers.get(index)
-            entry: Dict[str, Any] = {"index": index, "pid": process.pid if process else None,
-                                     "respawns": self.respawns.get(index, 0), "reported": index in counters}
-            if slot is not None:
-                entry.update(handed=slot.handed, acked=slot.acked, unacked=len(slot.unacked), rejected_by_worker=slot.rejected)
+        for index, slot in self.slots.items():
+            live = self.dispatcher.workers.get(index)
+            entry: Dict[str, Any] = {"index": index, "pid": slot.process.pid if slot.process else None,
+                                     "respawns": slot.respawns, "reported": index in counters}
+            if live is not None:
+                entry.update(handed=live.handed, acked=live.acked, unacked=len(live.unacked),
+                             rejected_by_worker=live.rejected)
             entry.update(counters.get(index, {}))
             workers.append(entry)
         d = self.dispatcher
         master = {"pid": self.pid, "strategy": self.config.strategy, "accepted": d.accepted, "pending": len(d.pending),
                   "held": d.held, "redistributed": d.redistributed, "deaths": self.deaths,
-                  "respawns": sum(self.respawns.values()), "stopping": self.stopping}
+                  "respawns": sum(slot.respawns for slot in self.slots.values()), "stopping": self.stopping}
         return {"master": master, "workers": workers}
 
-    def reply_control(self, client: "ControlClient", frame: bytes) -> None:
-        if client.closed:
-            return
-        try:
-            client.sock.setblocking(True)
-            client.sock.settimeout(1.0)  # the harness reads at once; never let it stall the master for long
-            client.sock.sendall(frame)
-            client.sock.setblocking(False)
-        except OSError:
-            self.close_control_client(client)
-
-    def close_control_client(self, client: "ControlClient") -> None:
-        if client.closed:
-            return
-        client.closed = True
-        for query_id, query in list(self.queries.items()):
-            if query.client is client:
-                del self.queries[query_id]
-        if not client.eof:
-            self.selector.unregister(client.sock)
-        client.sock.close()
-
-    def close_control(self) -> None:
-        if self.control is not None:
-            self.selector.unregister(self.control)
-            self.control.close()
-            self.control = None
-            if self.control_address and not self.control_address.startswith("@"):
-                try:
-                    os.unlink(self.control_address)
-                except OSError:
-                    pass
-
-
-def close_inherited_fds(keep: set) -> None:
-    """In a new worker: close every descriptor of the master's except ``keep``.
-
-    Client sockets the master holds must not survive in a worker, or a client
-    would never see its connection close.
-    """
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
-    for fd in fds:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import List
 
 from . import protocol
 from .config import READY_TAG
@@ -27,8 +28,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m fdcluster_server.ping", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    server = subprocess.Popen([sys.executable, "-m", "fdcluster_server", "--workers", str(args.workers), "--log-level", "warning"],
-                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    command = [sys.executable, "-m", "fdcluster_server", "--workers", str(args.workers), "--log-level", "warning"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                              start_new_session=True)
+    assert server.stdout is not None  # stdout=PIPE
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(server.stdout, selectors.EVENT_READ)
@@ -45,7 +48,7 @@ def main() -> int:
         with socket.create_connection((info["host"], info["port"]), timeout=5) as sock:
             sock.sendall(protocol.request("ping", params))
             decoder = protocol.FrameDecoder()
-            bodies = []
+            bodies: List[bytes] = []
             while not bodies:
                 data = sock.recv(65536)
                 if not data:

@@ -97,7 +97,7 @@ class FrameDecoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         #: Set once a length prefix above ``max_frame`` is seen; the stream is then dead.
-        self.failure: "FrameTooLarge | None" = None
+        self.failure: FrameTooLarge | None = None
         self._buffer = bytearray()
 
     @property

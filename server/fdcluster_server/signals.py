@@ -1,7 +1,9 @@
-"""Signals for master and worker: the parent-death signal (and, later, the wake-up queue).
+"""Signals for master and worker: the queue their handlers fill, and the parent-death signal.
 
-Shared by both sides of the fork, and by the plugin, which starts targets the
-same way: one prctl binding, resolved once before any fork.
+Shared by both sides of the fork.  ``SignalQueue``: handlers only enqueue, a
+wake-up pipe breaks the loop's ``select()``, the loop reads the queue.  The
+plugin starts targets the same way as the master starts workers: one prctl
+binding, resolved once before any fork.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import ctypes
 import os
 import signal
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 PR_SET_PDEATHSIG = 1
 _SIGKILL = int(signal.SIGKILL)
@@ -53,3 +55,54 @@ def parent_death_preexec(parent_pid: int) -> Callable[[], None]:
             os.kill(os.getpid(), _SIGKILL)
 
     return set_death_signal_in_child
+
+
+def handler_name(signum: int) -> str:
+    """The method that handles ``signum``: 'handle_term' for SIGTERM, 'handle_chld' for SIGCHLD."""
+    return "handle_" + signal.Signals(signum).name[3:].lower()
+
+
+class SignalQueue:
+    """Signals received, in order, for the event loop to handle; installed in the process that uses it.
+
+    A handler only appends to the queue: Python runs it between bytecodes, and
+    whatever it did beyond that could interrupt the loop half-way through a
+    change.  The wake-up fd (register ``fd`` with the selector) makes
+    ``select()`` return at once; ``drain()`` empties it, ``pending()`` yields
+    the signals.
+    """
+
+    def __init__(self) -> None:
+        self.fd = -1  # the wake-up pipe's read end, once installed
+        self._queue: List[int] = []
+
+    def install(self, queued: Iterable[int], default: Iterable[int] = (), ignored: Iterable[int] = ()) -> int:
+        """Queue ``queued``, reset ``default`` to SIG_DFL, ignore ``ignored``; returns the wake-up fd."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        self.fd = read_end
+        signal.set_wakeup_fd(write_end)
+        for signum in queued:
+            signal.signal(signum, self._enqueue)
+        for signum in default:
+            signal.signal(signum, signal.SIG_DFL)
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+        return read_end
+
+    def _enqueue(self, signum: int, frame: Any) -> None:
+        self._queue.append(signum)
+
+    def drain(self) -> None:
+        """Empty the wake-up pipe (the signals themselves are in the queue)."""
+        try:
+            while os.read(self.fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def pending(self) -> Iterator[int]:
+        """Yield the queued signals oldest first, including any that arrive meanwhile."""
+        while self._queue:
+            yield self._queue.pop(0)

@@ -13,28 +13,25 @@ closed on EOF or error, so none lingers in CLOSE_WAIT.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import selectors
 import signal
 import socket
-import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from . import channel as ch
-from . import protocol
+from . import protocol, signals
 from .config import EXIT_MASTER_GONE, EXIT_OK, ServerConfig
-from .handlers import Handler, Reply, OUT_OK
+from .handlers import OUT_OK, Handler, Reply
 
 log = logging.getLogger("fdcluster.worker")
 
 RECV_SIZE = 65536
 HIGH_WATER = 4 << 20  # pending output above which a connection's requests are not read
 DRAIN_IDLE_GRACE = 1.0  # how long a draining worker waits for a silent new connection's request
-PR_SET_PDEATHSIG = 1
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 
@@ -57,19 +54,8 @@ class Connection:
         self.opened = now
 
 
-def set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (runs in the child)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # the getppid() check in the loop still catches an orphaned worker
-
-
 class Worker:
-    """A worker process's state and main loop."""
+    """A worker process's state and main loop; built and run in the freshly forked child."""
 
     def __init__(
         self,
@@ -95,32 +81,27 @@ class Worker:
         self.rejects: List[int] = []
         self.closed_unreported = 0
         self.counters = {"accepted": 0, "closed": 0, "requests": 0, "errors": 0, "rejected": 0, "timeouts": 0}
-        self._signals: List[int] = []
+        self.signals = signals.SignalQueue()
         self._scan_interval = max(0.02, min(0.25, config.idle_timeout / 4))
 
     # -- set-up (in the child) ----------------------------------------------------
 
     def install_signals(self) -> None:
         """Reset what was inherited from the master: handlers only queue, the loop acts."""
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        os.set_blocking(write_end, False)
-        self._wakeup = read_end
-        signal.set_wakeup_fd(write_end)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(signum, self._queue_signal)
-        for signum in (signal.SIGCHLD, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.selector.register(read_end, _READ, "wakeup")
-
-    def _queue_signal(self, signum: int, frame: Any) -> None:
-        self._signals.append(signum)
+        wakeup = self.signals.install(
+            (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT),
+            default=(signal.SIGCHLD, signal.SIGHUP),
+            ignored=(signal.SIGPIPE,),
+        )
+        self.selector.register(wakeup, _READ, "wakeup")
 
     # -- main loop ------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until drained, told to stop, or orphaned; return the exit code."""
+        """Serve until drained, told to stop, or orphaned; return the exit code (runs in the child)."""
+        signals.set_parent_death_signal()
+        if os.getppid() != self.master_pid:
+            return EXIT_MASTER_GONE  # the master died between fork() and prctl()
         self.install_signals()
         self.selector.register(self.channel.sock, _READ, "channel")
         if self.listener is not None:
@@ -142,7 +123,7 @@ class Worker:
                 elif data == "listener":
                     self.accept_shared()
                 else:
-                    self._drain_wakeup()
+                    self.signals.drain()
             self.report()
             self.handle_signals()
             if self.stop_now:
@@ -158,19 +139,12 @@ class Worker:
                 return EXIT_OK
 
     def handle_signals(self) -> None:
-        while self._signals:
-            signum = self._signals.pop(0)
+        """SIGTERM drains; SIGINT and SIGQUIT stop at once."""
+        for signum in self.signals.pending():
             if signum == signal.SIGTERM:
                 self.begin_drain()
             else:
                 self.stop_now = True
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self._wakeup, 512):
-                pass
-        except BlockingIOError:
-            pass
 
     # -- the channel ----------------------------------------------------------------
 
@@ -229,14 +203,16 @@ class Worker:
 
     def accept_shared(self) -> None:
         """shared-accept strategy: take what the kernel gives this worker."""
+        listener = self.listener
+        assert listener is not None  # registered only while it is open
         for _ in range(64):
             try:
-                sock, _ = self.listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return  # the backlog is empty (or another worker took the client)
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
+                    continue  # the client gave up in the backlog
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     log.warning("worker %d: out of descriptors accepting: %s", self.index, exc)
                     return
@@ -375,16 +351,19 @@ class Worker:
         return conn.requests > 0 or now - self.drain_started > DRAIN_IDLE_GRACE
 
 
-def worker_main(
-    index: int,
-    channel_sock: socket.socket,
-    config: ServerConfig,
-    handlers: Dict[str, Handler],
-    master_pid: int,
-    listener: Optional[socket.socket] = None,
-) -> int:
-    """Entry point of a freshly forked worker (runs in the child); returns its exit code."""
-    set_parent_death_signal()
-    if os.getppid() != master_pid:
-        return EXIT_MASTER_GONE  # the master died between fork() and prctl()
-    return Worker(index, channel_sock, config, handlers, master_pid, listener).run()
+def close_inherited_fds(keep: Set[int]) -> None:
+    """In a new worker: close every descriptor of the master's except ``keep``.
+
+    Client sockets the master holds must not survive in a worker, or a client
+    would never see its connection close.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed already: the descriptor listdir() used

@@ -3,6 +3,10 @@
 ``python tests/mutants/mutants.py VARIANT [server flags...]`` patches one
 piece of ``fdcluster_server`` and runs it.  Each bug is one a real prefork
 server has shipped with; the chaos suite must catch every one of them.
+
+Patches go on the classes before the master forks, so workers inherit them.
+``_replace`` refuses a method the server no longer has: after a rename a
+mutant must fail loudly, not run the unbroken server under a broken name.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ from fdcluster_server.worker import Worker
 _kept = []  # references that keep "leaked" sockets from being closed by the garbage collector
 
 
+def _replace(owner: type, name: str, replacement: Callable) -> None:
+    """Make the server call ``replacement`` where it calls ``owner.name``."""
+    if not callable(getattr(owner, name, None)):
+        raise AttributeError(f"{owner.__qualname__}.{name} does not exist: this mutant would patch nothing")
+    setattr(owner, name, replacement)
+
+
 def master_keeps_fds() -> None:
     """The master never closes its copy of a handed-off socket."""
 
@@ -35,7 +46,7 @@ def master_keeps_fds() -> None:
                 worker_slot.active += 1
         self.distribute()
 
-    Dispatcher.ack = ack
+    _replace(Dispatcher, "ack", ack)
 
 
 def close_wait() -> None:
@@ -49,12 +60,12 @@ def close_wait() -> None:
         self.counters["closed"] += 1
         self.closed_unreported += 1
 
-    Worker.close = close
+    _replace(Worker, "close", close)
 
 
 def no_respawn() -> None:
     """A dead worker is reaped but never replaced."""
-    Master.schedule_respawn = lambda self, process: None
+    _replace(Master, "schedule_respawn", lambda self, process: None)
 
 
 def unfair_dispatch() -> None:
@@ -67,7 +78,7 @@ def unfair_dispatch() -> None:
             return current  # sticky while it has handoffs in flight
         return original(self)
 
-    Dispatcher._pick = pick
+    _replace(Dispatcher, "_pick", pick)
 
 
 def single_recv() -> None:
@@ -88,7 +99,7 @@ def single_recv() -> None:
         conn.requests += 1
         self.flush(conn)
 
-    Worker.read = read
+    _replace(Worker, "read", read)
 
 
 def synchronous_worker() -> None:
@@ -118,7 +129,7 @@ def synchronous_worker() -> None:
         sock.close()
         self.closed_unreported += 1
 
-    Worker.adopt = adopt
+    _replace(Worker, "adopt", adopt)
 
 
 def dies_on_bad_json() -> None:
@@ -132,7 +143,7 @@ def dies_on_bad_json() -> None:
             os._exit(1)
         return original(self, body)
 
-    Worker.respond = respond
+    _replace(Worker, "respond", respond)
 
 
 def lost_handoff() -> None:
@@ -148,7 +159,7 @@ def lost_handoff() -> None:
         self.distribute()
         return []
 
-    Dispatcher.remove = remove
+    _replace(Dispatcher, "remove", remove)
 
 
 def dup_fds() -> None:
@@ -159,7 +170,7 @@ def dup_fds() -> None:
         _kept.append(os.dup(sock.fileno()))
         original(self, sock)
 
-    Worker.adopt = adopt
+    _replace(Worker, "adopt", adopt)
 
 
 VARIANTS: Dict[str, Callable[[], None]] = {

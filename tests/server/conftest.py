@@ -51,7 +51,7 @@ class Server:
         )
         self.info = None
 
-    def wait_ready(self) -> "Server":
+    def wait_ready(self) -> Server:
         selector = selectors.DefaultSelector()
         selector.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -108,16 +108,20 @@ class Server:
                 continue
         return None
 
-    def stats(self) -> dict:
+    def control(self, *frames: bytes) -> List[dict]:
+        """Send ``frames`` on one control connection, half-close it, and return every reply until EOF."""
         address = self.info["control"]
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(5)
             sock.connect("\0" + address[1:])
-            sock.sendall(protocol.request("stats"))
+            sock.sendall(b"".join(frames))
             sock.shutdown(socket.SHUT_WR)  # the master closes its end on EOF: nothing lingers in it
-            reply = recv_frame(sock)["result"]
-            assert sock.recv(1) == b""
-            return reply
+            received = b"".join(iter(lambda: sock.recv(65536), b""))
+        return [json.loads(body) for body in protocol.FrameDecoder().feed(received)]
+
+    def stats(self) -> dict:
+        (reply,) = self.control(protocol.request("stats"))
+        return reply["result"]
 
     def kill(self) -> None:
         try:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import psutil
-
 from conftest import call, connect
 
 SERVER = [sys.executable, "-m", "fdcluster_server"]
@@ -72,5 +71,5 @@ class TestBinding:
                 if fd <= 2:
                     continue
                 with open(f"/proc/{worker}/fdinfo/{fd}") as info:
-                    flags = int(next(l for l in info if l.startswith("flags:")).split()[1], 8)
+                    flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
                 assert flags & 0o2000000, f"worker fd {fd} is inheritable (no O_CLOEXEC)"

@@ -13,7 +13,7 @@ def open_and_locate(server, count):
         sock = connect(server.address)
         call(sock, "ping")  # served, so the worker has it and the master has let go
         socks.append(sock)
-        owners.append(wait_for(lambda: server.owner(sock), what="the socket's owner"))
+        owners.append(wait_for(lambda sock=sock: server.owner(sock), what="the socket's owner"))
     return socks, owners
 
 

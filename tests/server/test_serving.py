@@ -63,7 +63,8 @@ class TestBadInput:
         server = start_server("--workers", "1", "--max-frame", "1000")
         with connect(server.address) as sock:
             sock.sendall(protocol.HEADER.pack(1001) + b"x" * 10)
-            assert recv_frame(sock) == {"out": "error", "result": "frame of 1001 bytes exceeds the maximum of 1000 bytes"}
+            expected = {"out": "error", "result": "frame of 1001 bytes exceeds the maximum of 1000 bytes"}
+            assert recv_frame(sock) == expected
             assert closed_by_peer(sock) in ("eof", "reset")
         with connect(server.address) as sock:  # the worker lives on
             assert call(sock, "ping")["out"] == "pong"
@@ -119,12 +120,14 @@ class TestSlowClients:
         try:
             for i, sock in enumerate(idle[:50]):
                 sock.sendall(protocol.request("ping", i)[:3])  # half of them mid-frame
-            wait_for(lambda: sum(w.get("active", 0) for w in server.stats()["workers"]) >= 100, what="100 connections held")
+            wait_for(lambda: sum(w.get("active", 0) for w in server.stats()["workers"]) >= 100,
+                     what="100 connections held")
             loaded = latencies()
         finally:
             for sock in idle:
                 sock.close()
-        assert loaded < baseline * 3 + 0.002, f"median latency {loaded*1e3:.2f} ms with 100 idle vs {baseline*1e3:.2f} ms baseline"
+        assert loaded < baseline * 3 + 0.002, \
+            f"median latency {loaded * 1e3:.2f} ms with 100 idle vs {baseline * 1e3:.2f} ms baseline"
 
     def test_client_that_never_reads_does_not_block_others(self, start_server):
         server = start_server("--workers", "1")

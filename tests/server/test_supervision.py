@@ -9,10 +9,10 @@ import threading
 
 import psutil
 import pytest
-
 from conftest import call, closed_by_peer, connect, recv_frame, wait_for
 
-from fdcluster_server import protocol
+from fdcluster_server import protocol, signals
+from fdcluster_server.master import HANDLED_SIGNALS, Master
 
 
 def gone(pids):
@@ -99,12 +99,12 @@ class TestWorkerDeath:
 
     def test_crashing_worker_is_reaped_and_respawned(self, start_server):
         server = start_server("--workers", "1", "--handlers", "handlers_for_tests")
-        for round_ in range(3):
+        for _ in range(3):
             before = server.workers()
             with connect(server.address) as sock:
                 sock.sendall(protocol.request("die"))
                 assert closed_by_peer(sock) in ("eof", "reset")
-            wait_for(lambda: server.workers() and server.workers() != before, timeout=10, what="respawn")
+            wait_for(lambda before=before: server.workers() and server.workers() != before, timeout=10, what="respawn")
             assert server.zombies() == []
         assert "exited with code 7" in server.stderr()
         with connect(server.address) as sock:
@@ -117,6 +117,13 @@ class TestWorkerDeath:
         wait_for(lambda: server.stats()["master"]["respawns"] == 1 and len(server.workers()) == 2, what="respawn")
         unix_after = len([c for c in psutil.Process(server.pid).net_connections("unix")])
         assert unix_after == unix_before
+
+
+class TestSignals:
+    def test_every_signal_the_master_queues_has_its_handler(self):
+        names = [signals.handler_name(signum) for signum in HANDLED_SIGNALS]
+        missing = [name for name in names if not callable(getattr(Master, name, None))]
+        assert missing == [], f"the master queues signals it has no handle_<name> method for: {missing}"
 
 
 class TestShutdown:
@@ -152,12 +159,14 @@ class TestShutdown:
             assert closed_by_peer(stuck) in ("eof", "reset")
         assert "still running after the grace period" in server.stderr()
 
-    def test_sigint_stops_fast(self, start_server):
+    @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
+    def test_sigint_and_sigquit_stop_fast(self, start_server, signum):
         server = start_server("--workers", "2")
         workers = server.workers()
         with connect(server.address) as sock:
             call(sock, "ping")
-            server.proc.send_signal(signal.SIGINT)
+            server.proc.send_signal(signum)
             assert server.proc.wait(10) == 0
             assert closed_by_peer(sock) in ("eof", "reset")
-        wait_for(lambda: gone(workers), what="workers to exit")
+        wait_for(lambda: gone(workers), what=f"workers {workers} to exit")
+        assert f"master {server.pid}: fast stop" in server.stderr(), f"{signum.name} did not take the fast path"
