@@ -132,7 +132,8 @@ def machine() -> Dict[str, Any]:
     node_version = None
     if node:
         try:
-            node_version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+            version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10)
+            node_version = version.stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             node_version = None
     return {

@@ -91,7 +91,8 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
             target=f"<= {MAX_FLOOR_RATIO:g}x floor" if judged else "",
             met=at_most(value / floor_us, MAX_FLOOR_RATIO) if judged else None,
             note=f"{failures[strategy]} failed requests" if failures[strategy] else "",
-            extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection[strategy]], "failed_requests": failures[strategy]},
+            extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection[strategy]],
+                   "failed_requests": failures[strategy]},
         ))
         figures.append(Figure(
             BENCHMARK, f"master CPU per connection, {strategy}", value, "us", node_us, "Node cluster primary",

@@ -60,9 +60,11 @@ def fixture_cycle(quick: bool) -> Tuple[List[Figure], processes.Details]:
                     f"{processes.median(target_ready) * 1e3:.0f} ms, the rest is the baseline snapshot"),
         Figure(BENCHMARK, f"teardown to port free ({WORKERS} workers)", teardown_ms, "ms",
                target=f"< {MAX_TEARDOWN * 1e3:g} ms", met=below(teardown_ms, MAX_TEARDOWN * 1e3) and not unclean,
-               note=f"median of {rounds}; max {max(teardown) * 1e3:.0f} ms" + (f"; UNCLEAN: {unclean}" if unclean else "")),
+               note=f"median of {rounds}; max {max(teardown) * 1e3:.0f} ms"
+               + (f"; UNCLEAN: {unclean}" if unclean else "")),
     ]
-    details = {"rounds": rounds, "ready_ms": processes.describe(ready, 1e3), "teardown_ms": processes.describe(teardown, 1e3),
+    details = {"rounds": rounds, "ready_ms": processes.describe(ready, 1e3),
+               "teardown_ms": processes.describe(teardown, 1e3),
                "start_target_ms": processes.describe(target_ready, 1e3), "unclean": unclean}
     return figures, details
 

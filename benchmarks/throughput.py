@@ -86,7 +86,8 @@ def _strategies(quick: bool) -> Tuple[List[Figure], processes.Details]:
                               "conn/s", single_conns, "single process", note=note))
         figures.append(Figure(BENCHMARK, f"keep-alive requests/s, {strategy}, {WORKERS} workers",
                               processes.median(requests), "req/s", single_requests, "single process", note=note))
-    details = {name: {"connections_per_s": [round(v) for v in conns], "keepalive_requests_per_s": [round(v) for v in reqs],
+    details = {name: {"connections_per_s": [round(v) for v in conns],
+                      "keepalive_requests_per_s": [round(v) for v in reqs],
                       "failed_requests": failed}
                for name, (conns, reqs, failed) in measured.items()}
     return figures, details
@@ -129,7 +130,8 @@ class PacedRuns:
 
     def run(self, address: processes.Address, rate: float, clients: int, procs: int, duration: float, pid: int) -> None:
         waited_before, wakeups_before = processes.run_queue_seconds(pid)
-        result = load.run_load(address, clients=clients, processes=procs, duration=duration, payload=Paced(rate, clients))
+        result = load.run_load(address, clients=clients, processes=procs, duration=duration,
+                               payload=Paced(rate, clients))
         waited_after, wakeups_after = processes.run_queue_seconds(pid)
         self.histogram.merge(result.histogram)
         self.ok += result.requests_ok
@@ -173,7 +175,8 @@ def _one_worker(quick: bool) -> Tuple[List[Figure], processes.Details]:
               f"{client_cpu / peak['duration']:.2f} cores ({client_cpu / busy:.0%} of the CPU the run used)")
     figures = [
         Figure(BENCHMARK, "keep-alive requests/s, 1 worker, no pipelining", peak["requests_per_s"], "req/s",
-               target=f">= {TARGET_KEEPALIVE:,.0f}", met=at_least(peak["requests_per_s"], TARGET_KEEPALIVE), note=limits),
+               target=f">= {TARGET_KEEPALIVE:,.0f}", met=at_least(peak["requests_per_s"], TARGET_KEEPALIVE),
+               note=limits),
         Figure(BENCHMARK, "1 worker's capacity: requests per worker CPU second", capacity, "req/s",
                target=f"(>= {TARGET_KEEPALIVE:,.0f} on a core of its own)", met=at_least(capacity, TARGET_KEEPALIVE),
                note=f"{worker_cpu / max(1, peak['ok']) * 1e6:.1f} us of worker CPU per request"),
@@ -188,7 +191,8 @@ def _one_worker(quick: bool) -> Tuple[List[Figure], processes.Details]:
             p99 * 1e3, "ms", single.histogram.percentile(99) * 1e3, "single process, same load",
             target=f"< {TARGET_P99_AT_HALF * 1e3:g} ms" if judged else "",
             met=below(p99, TARGET_P99_AT_HALF) if judged else None,
-            note=(f"p50 {half.histogram.percentile(50) * 1e3:.2f} ms, p99.9 {half.histogram.percentile(99.9) * 1e3:.1f} ms; "
+            note=(f"p50 {half.histogram.percentile(50) * 1e3:.2f} ms, "
+                  f"p99.9 {half.histogram.percentile(99.9) * 1e3:.1f} ms; "
                   f"the worker waited for a CPU {half.waited / half.seconds:.1%} of the time, {wait_us:.0f} us per "
                   f"wake-up on average"),
         ))
@@ -197,7 +201,8 @@ def _one_worker(quick: bool) -> Tuple[List[Figure], processes.Details]:
         "worker_us_per_request": round(worker_cpu / max(1, peak["ok"]) * 1e6, 2),
         "half_rate_target": round(half_rate), "paced_rounds": rounds, "paced_seconds_each": duration,
         "paced": [{"clients": clients, "processes": procs,
-                   "cluster": {"requests_per_s": round(half.rate), "failed": half.failed, "latency_ms": half.latency_ms(),
+                   "cluster": {"requests_per_s": round(half.rate), "failed": half.failed,
+                               "latency_ms": half.latency_ms(),
                                "run_queue_s": round(half.waited, 4), "wakeups": half.wakeups},
                    "single_process": {"requests_per_s": round(single.rate), "failed": single.failed,
                                       "latency_ms": single.latency_ms(), "run_queue_s": round(single.waited, 4),

@@ -7,6 +7,9 @@ client, the fault injectors (``faults``), the load generator (``load``) and the
 assertions.  Everything else is internal.
 """
 
+from fdcluster_server import protocol  # the one framing implementation, for frames built by hand
+
+from . import faults, load  # noqa: E402  (they build on the names above)
 from .checks import (
     CheckFailed,
     FairnessError,
@@ -23,9 +26,6 @@ from .checks import (
 from .client import Client, ClientError, ClientTimeout, ConnectionClosed, RemoteError
 from .cluster import Cluster, ClusterError, process_alive, wait_until
 from .observe import Snapshot, snapshot
-from fdcluster_server import protocol  # the one framing implementation, for frames built by hand
-
-from . import faults, load  # noqa: E402  (they build on the names above)
 
 __version__ = "0.1.0"
 

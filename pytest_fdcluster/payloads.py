@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from faker import Faker
 
-LOCALES = ["en_US", "ja_JP", "zh_CN", "zh_TW", "ko_KR", "ar_AA", "ru_RU", "el_GR", "hi_IN", "he_IL", "de_DE", "fr_FR", "pt_BR", "th_TH"]
+LOCALES = ["en_US", "ja_JP", "zh_CN", "zh_TW", "ko_KR", "ar_AA", "ru_RU", "el_GR", "hi_IN", "he_IL",
+           "de_DE", "fr_FR", "pt_BR", "th_TH"]
 DEFAULT_SEED = 0  # Faker's pytest plugin default
 LARGE_MIN = 64 * 1024
 

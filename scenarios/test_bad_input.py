@@ -90,4 +90,5 @@ def test_faker_payloads_round_trip_exactly(fdcluster, fdcluster_payloads, shape)
     with fdcluster.client(ANSWER_TIMEOUT) as client:
         for params in fdcluster_payloads.many(count, shape):
             echoed = client.call("ping", params)
-            assert echoed == params, f"round trip: {shape} payload changed on the way: sent {params!r:.200}, got {echoed!r:.200}"
+            assert echoed == params, (
+                f"round trip: {shape} payload changed on the way: sent {params!r:.200}, got {echoed!r:.200}")

@@ -120,7 +120,8 @@ def test_no_inheritable_descriptors(fdcluster):
         for process in fdcluster.snapshot().processes.values():
             for fd in process.inheritable_fds:
                 offenders.append(f"{process.label} (pid {process.pid}) fd {fd}")
-    assert not offenders, "fd lifecycle: inheritable descriptors would leak into any child process: " + "; ".join(offenders)
+    assert not offenders, (
+        "fd lifecycle: inheritable descriptors would leak into any child process: " + "; ".join(offenders))
 
 
 def test_nothing_outlives_the_cluster(fdcluster_factory):

@@ -61,7 +61,8 @@ def test_truncated_frame_then_close(fdcluster):
     for keep in (1, 3, 4, 10):
         faults.truncate_and_close(fdcluster.address, protocol.request("ping", "cut short"), keep=keep)
     assert fdcluster.call("ping", "next") == "next", "robustness: not serving after truncated frames"
-    assert fdcluster.workers == workers, f"robustness: a worker died on a truncated frame: {workers} -> {fdcluster.workers}"
+    assert fdcluster.workers == workers, (
+        f"robustness: a worker died on a truncated frame: {workers} -> {fdcluster.workers}")
 
 
 def test_half_close_gets_answer_then_eof(fdcluster):

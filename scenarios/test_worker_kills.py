@@ -31,7 +31,8 @@ def clients_by_owner(cluster, per_worker=2):
         client.call("ping", "hello")
     owners = {}
     for client in clients:
-        label = wait_until(lambda: cluster.owner_of(client), 5.0, lambda: f"an owner for client {client.local_address}")
+        label = wait_until(lambda c=client: cluster.owner_of(c), 5.0,
+                           lambda c=client: f"an owner for client {c.local_address}")
         owners.setdefault(label, []).append(client)
     return clients, owners
 
@@ -89,7 +90,8 @@ def test_paused_worker_resumes_and_answers(fdcluster):
         for label, group in owners.items():
             if label != paused_label:
                 for client in group:
-                    assert client.call("ping", "others") == "others", f"liveness: {label} stalled while {paused_label} paused"
+                    assert client.call("ping", "others") == "others", (
+                        f"liveness: {label} stalled while {paused_label} paused")
         fdcluster.resume_worker(pid)
         reply = paused_client.recv_frame(ANSWER_TIMEOUT)
         assert reply == {"out": "pong", "result": "while paused"}, f"nothing lost: paused worker answered {reply!r}"
@@ -106,7 +108,8 @@ def test_worker_killed_before_acknowledging_handoffs(fdcluster):
                 if not isinstance(outcome, dict) or outcome.get("result") != kill.params[i]]
         assert not lost, (
             f"nothing lost: {len(lost)} of {len(answers)} connections accepted but not yet acknowledged by "
-            f"frozen worker pid {kill.frozen_pid} were lost when it was killed: " + "; ".join(f"client {i}: {o!r}" for i, o in lost))
+            f"frozen worker pid {kill.frozen_pid} were lost when it was killed: "
+            + "; ".join(f"client {i}: {o!r}" for i, o in lost))
     replaced(fdcluster, kill.frozen_pid)
 
 

@@ -49,7 +49,8 @@ def test_server_starts_from_the_installed_wheel_outside_the_checkout(wheel, tmp_
         line = proc.stdout.readline()
         assert line.startswith("fdcluster-ready "), proc.stderr.read() if proc.poll() is not None else line
         info = json.loads(line.split(" ", 1)[1])
-        probe = ("import sys, fdcluster_server; assert fdcluster_server.__file__.startswith(sys.argv[1]), fdcluster_server.__file__")
+        probe = ("import sys, fdcluster_server; "
+                 "assert fdcluster_server.__file__.startswith(sys.argv[1]), fdcluster_server.__file__")
         subprocess.run([sys.executable, "-s", "-c", probe, str(site)], cwd=tmp_path, env=env, check=True, timeout=30)
         assert info["pid"] == proc.pid
     finally:
@@ -72,7 +73,8 @@ def test_standard_suite_runs_from_the_wheel_in_a_fresh_venv(wheel, tmp_path):
     python = venv / "bin" / "python"
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)],
                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert install.returncode == 0, f"pip install of the wheel failed:\n{install.stdout[-2000:]}\n{install.stderr[-2000:]}"
+    assert install.returncode == 0, (
+        f"pip install of the wheel failed:\n{install.stdout[-2000:]}\n{install.stderr[-2000:]}")
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PYTEST_")}

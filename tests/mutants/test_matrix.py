@@ -47,7 +47,8 @@ def run_suite(variant: str, tmp_path: Path) -> dict:
          f"--junitxml={junit}", "--fdcluster-server", server, "-o", "addopts="],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL,
     )
-    assert junit.exists(), f"the scenario run against {variant} produced no report:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert junit.exists(), (
+        f"the scenario run against {variant} produced no report:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     outcome = {module: [0, 0] for module in MODULES}
     for case in ElementTree.parse(junit).iter("testcase"):
         module = case.get("classname", "").split(".")[-1]
@@ -67,4 +68,5 @@ def test_suite_catches_variant(variant, tmp_path, record_property):
         assert not failed, f"the unbroken server fails {sorted(failed)}: {outcome}"
     else:
         missed = EXPECTED[variant] - failed
-        assert not missed, f"variant {variant!r} is not caught by {sorted(missed)}; module outcomes (failed, passed): {outcome}"
+        assert not missed, (
+            f"variant {variant!r} is not caught by {sorted(missed)}; module outcomes (failed, passed): {outcome}")
