@@ -44,6 +44,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_off(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 for never, got {text!r}")
+    return value
+
+
+def _count_or_auto(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fdcluster_server",
@@ -58,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=STRATEGIES, default=STRATEGIES[0], help="how connections reach workers (default: round-robin)")
     parser.add_argument("--max-frame", type=_positive_int, default=DEFAULT_MAX_FRAME, help="largest frame body in bytes (default: 1 MiB)")
     parser.add_argument("--idle-timeout", type=_seconds, default=10.0, help="close a connection whose incomplete frame is older than this (default: 10 s)")
+    parser.add_argument("--keepalive-timeout", type=_seconds_or_off, default=60.0,
+                        help="close a connection with nothing in flight for this long; 0: never (default: 60 s)")
+    parser.add_argument("--write-timeout", type=_seconds_or_off, default=30.0,
+                        help="close a connection whose output made no progress for this long; 0: never (default: 30 s)")
+    parser.add_argument("--max-connections-per-worker", type=_count_or_auto, default=0, metavar="N",
+                        help="a worker holding N connections rejects more; 0: descriptor limit less 64 (default: 0)")
+    parser.add_argument("--max-output-per-worker", type=_positive_int, default=64 << 20, metavar="BYTES",
+                        help="while a worker buffers more output than this, it reads no requests (default: 64 MiB)")
     parser.add_argument("--graceful-timeout", type=_seconds, default=10.0, help="after SIGTERM, how long workers may finish in-flight requests (default: 10 s)")
     parser.add_argument("--handoff-window", type=_positive_int, default=4, help="unacknowledged handoffs per worker before it is skipped (default: 4)")
     parser.add_argument("--max-pending", type=_positive_int, default=1024, help="accepted connections waiting for a worker before accepting pauses (default: 1024)")
@@ -79,6 +101,8 @@ def parse_config(argv: Optional[List[str]] = None) -> "tuple[ServerConfig, argpa
         host=args.host, port=args.port, workers=args.workers, strategy=args.strategy, max_frame=args.max_frame,
         idle_timeout=args.idle_timeout, graceful_timeout=args.graceful_timeout, handoff_window=args.handoff_window,
         max_pending=args.max_pending, backlog=args.backlog, handlers=args.handlers, control=control,
+        keepalive_timeout=args.keepalive_timeout, write_timeout=args.write_timeout,
+        max_connections_per_worker=args.max_connections_per_worker, max_output_per_worker=args.max_output_per_worker,
     )
     return config, args
 
