@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Tuple
 
 import psutil
 import pytest
@@ -32,7 +33,8 @@ def only_worker(server) -> int:
 
 
 def assert_worker_lived(server, pid: int, what: str) -> None:
-    assert server.workers() == [pid], f"worker {pid} did not survive {what}: workers now {server.workers()}\n{server.stderr()}"
+    workers = server.workers()
+    assert workers == [pid], f"worker {pid} did not survive {what}: workers now {workers}\n{server.stderr()}"
 
 
 def send_until_full(sock: socket.socket, data: bytes) -> int:
@@ -51,7 +53,7 @@ def worker_stats(server) -> dict:
     return entry
 
 
-def read_frames_until_eof(sock: socket.socket, timeout: float) -> "tuple[list, str]":
+def read_frames_until_eof(sock: socket.socket, timeout: float) -> Tuple[list, str]:
     """Every frame the server sends, then how it ended the connection ('eof' or 'reset')."""
     decoder = protocol.FrameDecoder(max_frame=1 << 30)
     frames = []
@@ -323,7 +325,8 @@ class TestGracefulStop:
 
 def _queued_to(server, sock: socket.socket) -> int:
     """Bytes sent on ``sock`` that its server side has not read (the worker's receive queue), from /proc."""
-    local = "%08X:%04X" % (int.from_bytes(socket.inet_aton(sock.getsockname()[0]), "little"), sock.getsockname()[1])
+    host, port = sock.getsockname()
+    local = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
     with open("/proc/net/tcp") as table:
         for line in table.readlines()[1:]:
             fields = line.split()
