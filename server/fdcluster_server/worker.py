@@ -216,11 +216,14 @@ class Worker:
                 if record.kind == ch.HANDOFF:
                     self.take_handoff(record.arg, record.fd)
                 elif record.kind == ch.STATS:
-                    self.channel.send_json(ch.COUNTERS, record.arg, self.snapshot_counters())
+                    try:
+                        self.channel.send_json(ch.COUNTERS, record.arg, self.snapshot_counters())
+                    except OSError:
+                        return False  # the answer refused: the master is gone
                 elif record.kind == ch.DRAIN:
                     self.begin_drain()
-        except (EOFError, OSError):
-            return False  # its end is closed, or a reply to it was refused: the master is gone either way
+        except EOFError:
+            return False
         return True
 
     def take_handoff(self, conn_id: int, fd: Optional[int]) -> None:
