@@ -41,6 +41,14 @@ _port = _checked(int, lambda n: 0 <= n <= 65535, "a port number 0-65535")
 _seconds = _checked(float, lambda x: x > 0, "a number of seconds", "a positive number of seconds")
 
 
+_seconds_or_off = _checked(float, lambda x: 0 <= x < float("inf"), "a number of seconds",
+                          "a number of seconds, 0 for never")
+
+
+def _count_or_auto(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fdcluster_server",
@@ -60,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest frame body in bytes (default: 1 MiB)")
     parser.add_argument("--idle-timeout", type=_seconds, default=10.0,
                         help="close a connection whose incomplete frame is older than this (default: 10 s)")
+    parser.add_argument("--keepalive-timeout", type=_seconds_or_off, default=60.0,
+                        help="close a connection with nothing in flight for this long; 0: never (default: 60 s)")
+    parser.add_argument("--write-timeout", type=_seconds_or_off, default=30.0,
+                        help="close a connection whose output made no progress for this long; 0: never (default: 30 s)")
+    parser.add_argument("--max-connections-per-worker", type=_count_or_auto, default=0, metavar="N",
+                        help="a worker holding N connections rejects more; 0: descriptor limit less 64 (default: 0)")
+    parser.add_argument("--max-output-per-worker", type=_positive_int, default=64 << 20, metavar="BYTES",
+                        help="while a worker buffers more output than this, it reads no requests (default: 64 MiB)")
     parser.add_argument("--graceful-timeout", type=_seconds, default=10.0,
                         help="after SIGTERM, how long workers may finish in-flight requests (default: 10 s)")
     parser.add_argument("--handoff-window", type=_positive_int, default=4,
@@ -86,6 +102,8 @@ def parse_config(argv: Optional[List[str]] = None) -> Tuple[ServerConfig, argpar
         host=args.host, port=args.port, workers=args.workers, strategy=args.strategy, max_frame=args.max_frame,
         idle_timeout=args.idle_timeout, graceful_timeout=args.graceful_timeout, handoff_window=args.handoff_window,
         max_pending=args.max_pending, backlog=args.backlog, handlers=args.handlers, control=control,
+        keepalive_timeout=args.keepalive_timeout, write_timeout=args.write_timeout,
+        max_connections_per_worker=args.max_connections_per_worker, max_output_per_worker=args.max_output_per_worker,
     )
     return config, args
 
