@@ -3,7 +3,7 @@
 The worker runs in a child forked by the test, which plays the master on the
 other end of the channel: the test closes the channel at the moment it chooses
 and reads the worker's exit status itself (a real master would respawn it).
-The child runs what the master runs after fork: ``worker_main``, any exception
+The child runs what the master runs after fork: ``Worker(...).run()``, any exception
 being a crash.
 """
 
@@ -20,7 +20,7 @@ import pytest
 from fdcluster_server import channel as ch
 from fdcluster_server.config import EXIT_MASTER_GONE, EXIT_WORKER_CRASHED, ServerConfig
 from fdcluster_server.handlers import BUILTINS
-from fdcluster_server.worker import worker_main
+from fdcluster_server.worker import Worker
 
 
 def fork_worker() -> Tuple[int, ch.Channel, int]:
@@ -34,7 +34,7 @@ def fork_worker() -> Tuple[int, ch.Channel, int]:
             master_end.close()
             os.close(go_write)
             os.read(go_read, 1)
-            code = worker_main(0, worker_end, ServerConfig(workers=1), BUILTINS, os.getppid())
+            code = Worker(0, worker_end, ServerConfig(workers=1), BUILTINS, os.getppid()).run()
         except BaseException:
             traceback.print_exc()
         finally:
