@@ -406,3 +406,14 @@ def resolve(
         **declared)
     return ClusterSettings(reference_command(strategy, extra), workers, timeout, grace, strategy, True, True,
                            chosen.name, capabilities)
+
+
+def resolve_all(option: Callable[[str], Any], ini: Callable[[str], Any],
+                ini_label: Label = "ini") -> Dict[str, ClusterSettings]:
+    """Every target of the run by name, resolved without a marker: how the command line and ini are checked."""
+    from . import targets as run_targets
+
+    server = BY_NAME["server"]
+    configured = run_targets.configured_targets(
+        _entries(option(server.dest)), _entries(ini(server.dest)), server.flag, ini_source(ini_label, server))
+    return {target.name: resolve({}, option, ini, ini_label, target=target.name) for target in configured}

@@ -84,14 +84,16 @@ def parse_targets(entries: Sequence[Any], source: str) -> Tuple[Target, ...]:
             raise SettingsError(f"Invalid server {name!r} from {source}: two targets are named {name!r}")
     taken = set(explicit)
     targets: List[Target] = []
-    for _, name, command in parsed:
-        if name is None:
-            base = REFERENCE if command is None else name_from_command(command)
-            name, n = base, 1
-            while name in taken:  # several bare commands with the same script: node_server, node_server-2
-                n += 1
-                name = f"{base}-{n}"
-            taken.add(name)
+    for _, given, command in parsed:
+        if given is not None:
+            targets.append(Target(given, command, source))
+            continue
+        base = REFERENCE if command is None else name_from_command(command)
+        name, n = base, 1
+        while name in taken:  # several bare commands with the same script: node_server, node_server-2
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name)
         targets.append(Target(name, command, source))
     return tuple(targets)
 
