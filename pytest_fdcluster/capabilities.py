@@ -27,8 +27,10 @@ VALUE_HINTS = {
     "strategy": "STRATEGY",
 }
 #: Why a test failed: the target's declarations do not give what the scenario needs.
-CAPABILITY_MISSING = ("target {target!r} {state}; this test needs {capability}{wanted}: declare it with "
-                      "--fdcluster-declare {target}:{capability}={hint} or @pytest.mark.fdcluster({capability}=...)")
+#: It starts with the name the target matrix lists it under: ``idle_timeout not declared``.
+CAPABILITY_MISSING = ("{capability} not declared: target {target!r} {state}; this test needs {capability}{wanted}: "
+                      "declare it with --fdcluster-declare {target}:{capability}={hint} "
+                      "or @pytest.mark.fdcluster({capability}=...)")
 
 
 @dataclass(frozen=True)

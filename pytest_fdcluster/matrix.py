@@ -18,6 +18,8 @@ MODULE_HEADING = "module"
 #: Under the table: one line per target and module with failures.
 FAILING_LINE = "{target} {module}: {invariants}"
 OUTCOMES = ("passed", "failed", "xfailed", "skipped")
+#: How the plugin's own failure messages start; the phrase after it names what failed.
+PLUGIN_PREFIX = "fdcluster: "
 # An invariant's name is a short phrase: words, spaces, digits, hyphens, parentheses.
 _INVARIANT = re.compile(r"^[A-Za-z][\w ()/-]{0,60}$")
 
@@ -25,6 +27,10 @@ _INVARIANT = re.compile(r"^[A-Za-z][\w ()/-]{0,60}$")
 def invariant_of(message: str, kind: str) -> str:
     """The invariant a failure message names (the text before its first ':'), else the exception's kind."""
     first = message.strip().splitlines()[0] if message.strip() else ""
+    if first.startswith(PLUGIN_PREFIX):  # the plugin's own failures: "fdcluster: the cluster did not start"
+        first = first[len(PLUGIN_PREFIX):]
+        if ":" not in first:
+            return first.strip() or kind
     head, colon, _ = first.partition(":")
     head = head.strip()
     if colon and _INVARIANT.match(head) and not head.startswith("assert "):
