@@ -385,7 +385,7 @@ def resolve(
         if misplaced:
             raise SettingsError(
                 f"Invalid {misplaced[0]} from {label_of(marker_label, misplaced[0])}: reference-server settings "
-                f"do not apply to the external target {shell_join(chosen.command)!r}")
+                f"do not apply to the external target {marker.get('server') or shell_join(chosen.command)!r}")
         # Marker, then declarations (for this target, then for all), then what any target is assumed to have.
         sources = {**declared_by_target.get(chosen.name, {}), **in_marker}
         capabilities = Capabilities(**{
