@@ -118,7 +118,8 @@ class TestTargets:
         ])
         targets_text = plugin.HEADER_TARGETS.format(targets="; ".join([
             "reference: " + plugin.HEADER_REFERENCE.format(strategy="round-robin"), "other: " + OTHER]))
-        result.stdout.fnmatch_lines([f"fdcluster: {literal(targets_text)}, 2 workers, *"])
+        header = pytester.runpytest_inprocess("--collect-only", *TWO_TARGETS)  # -q leaves the header out
+        header.stdout.fnmatch_lines([f"fdcluster: {literal(targets_text)}, 2 workers, *"])
 
     @pytest.mark.parametrize("xdist", [False, True], ids=["one process", "-n 2"])
     def test_matrix_in_summary_and_json(self, pytester: pytest.Pytester, xdist: bool) -> None:
