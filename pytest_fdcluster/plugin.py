@@ -39,9 +39,11 @@ TEARDOWN_UNCLEAN = "fdcluster: teardown left something behind"
 #: One line per cluster that ``TEARDOWN_UNCLEAN`` is about.
 LEFT_PIDS = "{cluster}: pids {pids} still alive after SIGKILL"
 LEFT_PORT = "{cluster}: port {host}:{port} still accepting connections after the target was stopped"
-HEADER = ("fdcluster: target {target}, {workers} workers, startup timeout {timeout:g} s, grace {grace:g} s; "
+HEADER = ("fdcluster: {target}, {workers} workers, startup timeout {timeout:g} s, grace {grace:g} s; "
           "payload seed {seed}")
 HEADER_REFERENCE = "reference server ({strategy})"
+#: The target part of the header in a run with one target.
+HEADER_TARGET = "target {target}"
 #: The target part of the header in a run with several targets: ``NAME: TARGET`` joined by "; ".
 HEADER_TARGETS = "targets {targets}"
 HEADER_SEED = "{seed!r} ({source}; a faker_seed fixture overrides it)"
@@ -183,7 +185,7 @@ def pytest_report_header(config: pytest.Config) -> str:
         return f"{SETTINGS_INVALID}: {exc}"
     first = next(iter(by_target.values()))
     if len(by_target) == 1:
-        target = describe_target(first)
+        target = HEADER_TARGET.format(target=describe_target(first))
     else:
         target = HEADER_TARGETS.format(targets="; ".join(f"{name}: {describe_target(resolved)}"
                                                           for name, resolved in by_target.items()))

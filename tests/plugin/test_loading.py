@@ -23,7 +23,8 @@ DEFAULT = {setting.name: setting.default for setting in settings.SETTINGS}
 def header(workers: int = DEFAULT["workers"], strategy: str = DEFAULT["strategy"],
            timeout: float = DEFAULT["startup_timeout"], grace: float = DEFAULT["grace"]) -> str:
     """The report header line the plugin prints for these settings (reference server)."""
-    return plugin.HEADER.format(target=plugin.HEADER_REFERENCE.format(strategy=strategy), workers=workers,
+    return plugin.HEADER.format(target=plugin.HEADER_TARGET.format(target=plugin.HEADER_REFERENCE.format(
+        strategy=strategy)), workers=workers,
                                 timeout=timeout, grace=grace,
                                 seed=plugin.HEADER_SEED.format(seed=0, source=plugin.SEED_FAKER))
 

@@ -59,7 +59,8 @@ class TestReport:
     def test_header(self, pytester: pytest.Pytester) -> None:
         result = pytester.runpytest_inprocess()
         result.stdout.fnmatch_lines([plugin.HEADER.format(
-            target=plugin.HEADER_REFERENCE.format(strategy=settings.BY_NAME["strategy"].default),
+            target=plugin.HEADER_TARGET.format(
+                target=plugin.HEADER_REFERENCE.format(strategy=settings.BY_NAME["strategy"].default)),
             workers=settings.BY_NAME["workers"].default, timeout=settings.BY_NAME["startup_timeout"].default,
             grace=settings.BY_NAME["grace"].default,
             seed=plugin.HEADER_SEED.format(seed=plugin.DEFAULT_SEED, source=plugin.SEED_FAKER))])
