@@ -198,12 +198,15 @@ def pytest_report_collectionfinish(config: pytest.Config, items: Sequence[pytest
     """Say when the tests' own ``faker_seed`` fixtures, not the header's seed, decide the payloads."""
     where = set()
     for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or "fdcluster_payloads" not in info.names_closure:
+        manager = getattr(item.session, "_fixturemanager", None)  # no public way to ask which faker_seed applies
+        if manager is None or "fdcluster_payloads" not in getattr(item, "fixturenames", ()):
             continue
-        definitions = info.name2fixturedefs.get("faker_seed") or ()
+        try:
+            definitions = manager.getfixturedefs("faker_seed", item) or ()
+        except TypeError:  # pytest < 8 took a node id
+            definitions = manager.getfixturedefs("faker_seed", item.nodeid) or ()
         func = definitions[-1].func if definitions else None
-        if func is not None and func.__module__ != "pytest_randomly":
+        if func is not None and func.__module__ != "pytest_randomly":  # its seed is the header's
             where.add(os.path.relpath(inspect.getfile(func), config.rootpath))
     if not where:
         return []
