@@ -28,7 +28,7 @@ from .text import label_order, shell_join
 
 PLUGIN_NAME = "fdcluster-report"
 HELP_REPORT = "show per-cluster figures in the terminal summary"
-HELP_REPORT_JSON = "write per-cluster figures as JSON to this path"
+HELP_REPORT_JSON = "write per-cluster figures and the target-by-module matrix as JSON to this path"
 RECORD_KEY = "fdcluster.record"
 #: The name of the target a test ran against, set by the plugin's fixtures; and the invariant its failure names.
 TARGET_KEY = "fdcluster.target"
