@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import psutil
 
 from . import observe
+from .capabilities import Capabilities
 from .client import Client, ClientError
 from .polling import ClusterError, wait_until
 from .settings import ClusterSettings
@@ -68,6 +69,11 @@ class Cluster:
     @property
     def is_reference(self) -> bool:
         return self.settings.is_reference
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the target has, as declared (the reference server's: as started); see ``capabilities.require``."""
+        return self.settings.capabilities
 
     def labels(self) -> Dict[int, str]:
         """pid -> 'master' / 'worker N': the reference server's own indexes, else by age.

@@ -8,12 +8,15 @@ faults, checks) lives in modules usable without pytest; report hooks live in
 
 from __future__ import annotations
 
+import inspect
+import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
 
 from . import report, settings
+from .capabilities import Capabilities
 from .cluster import Cluster, ClusterFactory, scm_rights_unavailable
 from .settings import ClusterSettings, SettingsError
 from .target import StopResult, TargetStartupError
@@ -36,14 +39,25 @@ TEARDOWN_UNCLEAN = "fdcluster: teardown left something behind"
 #: One line per cluster that ``TEARDOWN_UNCLEAN`` is about.
 LEFT_PIDS = "{cluster}: pids {pids} still alive after SIGKILL"
 LEFT_PORT = "{cluster}: port {host}:{port} still accepting connections after the target was stopped"
-HEADER = ("fdcluster: target {target}, {workers} workers, startup timeout {timeout:g} s, grace {grace:g} s; "
+HEADER = ("fdcluster: {target}, {workers} workers, startup timeout {timeout:g} s, grace {grace:g} s; "
           "payload seed {seed}")
 HEADER_REFERENCE = "reference server ({strategy})"
-HEADER_SEED = "{seed!r} (a faker_seed fixture overrides it)"
+#: The target part of the header in a run with one target.
+HEADER_TARGET = "target {target}"
+#: The target part of the header in a run with several targets: ``NAME: TARGET`` joined by "; ".
+HEADER_TARGETS = "targets {targets}"
+HEADER_SEED = "{seed!r} ({source}; a faker_seed fixture overrides it)"
+SEED_FAKER = "Faker's default"
+SEED_RANDOMLY = "pytest-randomly's --randomly-seed"
+#: Printed after collection when tests' own ``faker_seed`` fixtures decide the seed.
+SEED_PER_TEST = ("fdcluster: payload seed per test, from the faker_seed fixture in {where}: "
+                 "a failed test's seed is in its '{replay}' section, every test's in the JSON report")
 OVERRIDE_INI_LABEL = "-o/--override-ini"
 FACTORY_LABEL = "fdcluster_factory.start()"
 #: The seed Faker's own pytest plugin uses when no ``faker_seed`` fixture is defined.
 DEFAULT_SEED = 0
+#: The run's targets, resolved once at configure time.
+TARGETS = pytest.StashKey[Tuple[str, ...]]()
 
 
 # -- loading --------------------------------------------------------------------------
@@ -68,11 +82,14 @@ def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager
 # -- options ----------------------------------------------------------------------------
 
 
-def _ini_type(kind: type) -> Any:
+def _ini_type(kind: type, multiple: bool = False) -> Any:
     """A number or a string for numeric settings: native TOML numbers pass, and a bad string still reaches our message.
 
-    Union types for ini options arrived in pytest 9.2; before, everything is a string.
+    Union types for ini options arrived in pytest 9.2; before, everything is a string.  A repeatable
+    setting lists one value per line.
     """
+    if multiple:
+        return "linelist"
     return Union[kind, str] if kind in (int, float) and pytest.version_tuple >= (9, 2) else "string"
 
 
@@ -81,9 +98,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for setting in settings.SETTINGS:
         if not setting.option:
             continue  # a marker keyword only
-        group.addoption(setting.flag, dest=setting.dest, default=None, metavar=setting.name.upper(),
-                        help=setting.help_text)
-        parser.addini(setting.dest, setting.help_text, type=_ini_type(setting.kind), default=None)
+        group.addoption(setting.flag, dest=setting.dest, default=None, metavar=setting.metavar,
+                        action="append" if setting.multiple else "store", help=setting.help_text)
+        parser.addini(setting.dest, setting.help_text,
+                      type=_ini_type(setting.kind, setting.multiple), default=None)
     group.addoption("--fdcluster-report", action="store_true", default=False, help=report.HELP_REPORT)
     group.addoption("--fdcluster-report-json", default=None, metavar="PATH", help=report.HELP_REPORT_JSON)
 
@@ -92,9 +110,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Check every setting of the command line and ini now, so a bad one stops the run (exit code 4)."""
     config.addinivalue_line("markers", MARKER_HELP)
+    if config.getoption("help", False) or config.getoption("version", False):
+        return  # --help must work whatever the settings
+    try:
+        targets = settings_by_target(config)
+        junit_properties = settings.run_setting("junit_properties", *_lookups(config))
+    except SettingsError as exc:
+        raise pytest.UsageError(f"{SETTINGS_INVALID}: {exc}") from None
+    config.stash[TARGETS] = tuple(targets)
     if not config.pluginmanager.has_plugin(report.PLUGIN_NAME):
-        config.pluginmanager.register(report.ClusterReporter(config), report.PLUGIN_NAME)
+        config.pluginmanager.register(report.ClusterReporter(config, junit_properties), report.PLUGIN_NAME)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -110,10 +137,16 @@ def _ini_label(config: pytest.Config) -> Callable[[str], str]:
     return lambda ini_name: OVERRIDE_INI_LABEL if ini_name in overridden else file_label
 
 
+def _lookups(config: pytest.Config) -> Tuple[Callable[[str], Any], Callable[[str], Any], Callable[[str], str]]:
+    """The command-line and ini lookups ``settings`` takes, and the ini's label."""
+    return (lambda dest: config.getoption(dest, None)), config.getini, _ini_label(config)
+
+
 def resolve_settings(
-    config: pytest.Config, marker_kwargs: Optional[Dict[str, Any]] = None, start_kwargs: Sequence[str] = ()
+    config: pytest.Config, marker_kwargs: Optional[Dict[str, Any]] = None, start_kwargs: Sequence[str] = (),
+    target: Optional[str] = None,
 ) -> ClusterSettings:
-    """Marker, then command line, then ini, then default.
+    """Marker, then command line, then ini, then default, for ``target`` (default: the run's first).
 
     ``start_kwargs`` names the entries of ``marker_kwargs`` that were passed to
     ``fdcluster_factory.start()`` rather than set by the marker, for messages.
@@ -122,18 +155,72 @@ def resolve_settings(
     def marker_label(name: str) -> str:
         return FACTORY_LABEL if name in start_kwargs else settings.SOURCE_MARKER
 
-    return settings.resolve(marker_kwargs or {}, lambda dest: config.getoption(dest, None), config.getini,
-                            ini_label=_ini_label(config), marker_label=marker_label)
+    option, ini, ini_label = _lookups(config)
+    return settings.resolve(marker_kwargs or {}, option, ini, ini_label=ini_label, marker_label=marker_label,
+                            target=target)
+
+
+def settings_by_target(config: pytest.Config) -> Dict[str, ClusterSettings]:
+    """Every target of the run with its settings before any marker; raises ``SettingsError`` for a bad value."""
+    return settings.resolve_all(*_lookups(config))
+
+
+def payload_seed(config: pytest.Config) -> Tuple[Any, str]:
+    """The seed every test's payloads use unless a ``faker_seed`` fixture of the tests' own says otherwise."""
+    seed = config.getoption("randomly_seed", None)
+    # pytest-randomly's autouse faker_seed fixture returns its session seed.
+    if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
+        return seed, SEED_RANDOMLY
+    return DEFAULT_SEED, SEED_FAKER
+
+
+def describe_target(resolved: ClusterSettings) -> str:
+    return HEADER_REFERENCE.format(strategy=resolved.strategy) if resolved.is_reference else resolved.describe()
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     try:
-        resolved = resolve_settings(config)
+        by_target = settings_by_target(config)
     except SettingsError as exc:
         return f"{SETTINGS_INVALID}: {exc}"
-    target = HEADER_REFERENCE.format(strategy=resolved.strategy) if resolved.is_reference else resolved.describe()
-    return HEADER.format(target=target, workers=resolved.workers, timeout=resolved.startup_timeout,
-                         grace=resolved.grace, seed=HEADER_SEED.format(seed=DEFAULT_SEED))
+    first = next(iter(by_target.values()))
+    if len(by_target) == 1:
+        target = HEADER_TARGET.format(target=describe_target(first))
+    else:
+        target = HEADER_TARGETS.format(targets="; ".join(f"{name}: {describe_target(resolved)}"
+                                                          for name, resolved in by_target.items()))
+    seed, source = payload_seed(config)
+    return HEADER.format(target=target, workers=first.workers, timeout=first.startup_timeout,
+                         grace=first.grace, seed=HEADER_SEED.format(seed=seed, source=source))
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: Sequence[pytest.Item]) -> List[str]:
+    """Say when the tests' own ``faker_seed`` fixtures, not the header's seed, decide the payloads."""
+    where = set()
+    for item in items:
+        manager = getattr(item.session, "_fixturemanager", None)  # no public way to ask which faker_seed applies
+        if manager is None or "fdcluster_payloads" not in getattr(item, "fixturenames", ()):
+            continue
+        try:
+            definitions = manager.getfixturedefs("faker_seed", item) or ()
+        except TypeError:  # pytest < 8 took a node id
+            definitions = manager.getfixturedefs("faker_seed", item.nodeid) or ()
+        func = definitions[-1].func if definitions else None
+        if func is not None and func.__module__ != "pytest_randomly":  # its seed is the header's
+            where.add(os.path.relpath(inspect.getfile(func), config.rootpath))
+    if not where:
+        return []
+    return [SEED_PER_TEST.format(where=", ".join(sorted(where)), replay=report.REPLAY_TITLE)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """With several targets, a test of a cluster runs once per target, the target's name in its id."""
+    targets = metafunc.config.stash.get(TARGETS, ())
+    if len(targets) < 2 or TARGET_FIXTURE not in metafunc.fixturenames:
+        return
+    if any("server" in marker.kwargs for marker in metafunc.definition.iter_markers(MARKER)):
+        return  # the marker chose its own server
+    metafunc.parametrize(TARGET_FIXTURE, targets, indirect=True, ids=list(targets))
 
 
 # -- fixtures -------------------------------------------------------------------------
@@ -150,13 +237,26 @@ def _marker_kwargs(request: pytest.FixtureRequest) -> Dict[str, Any]:
     return merged
 
 
+TARGET_FIXTURE = "fdcluster_target"
+
+
 @pytest.fixture
-def fdcluster_settings(request: pytest.FixtureRequest) -> ClusterSettings:
+def fdcluster_target(request: pytest.FixtureRequest) -> str:
+    """The name of the target this test runs against: one per test id in a run with several."""
+    return getattr(request, "param", None) or request.config.stash.get(TARGETS, (None,))[0] or "reference"
+
+
+@pytest.fixture
+def fdcluster_settings(request: pytest.FixtureRequest, fdcluster_target: str) -> ClusterSettings:
     """The settings this test's cluster starts with (marker > command line > ini > default)."""
     try:
-        return resolve_settings(request.config, _marker_kwargs(request))
+        resolved = resolve_settings(request.config, _marker_kwargs(request), target=fdcluster_target)
     except SettingsError as exc:
         problem = str(exc)
+    else:
+        # The test's row of the target matrix (the marker's server, if it names one).
+        request.node.user_properties.append((report.TARGET_KEY, resolved.target))
+        return resolved
     # Failed outside the except block, so the report does not repeat the message as a chained exception.
     pytest.fail(f"{SETTINGS_INVALID}: {problem}", pytrace=False)
 
@@ -212,6 +312,16 @@ class FixtureClusters:
         return self._factory.default.is_reference
 
     @property
+    def settings(self) -> ClusterSettings:
+        """The settings ``start()`` uses when given no keywords."""
+        return self._factory.default
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this test's target has, as declared (the reference server's: as started)."""
+        return self._factory.default.capabilities
+
+    @property
     def clusters(self) -> List[Cluster]:
         """The clusters started so far, oldest first."""
         return list(self._factory.clusters)
@@ -225,15 +335,15 @@ class FixtureClusters:
             given["server"] = server
         kwargs = dict(_marker_kwargs(self._request))
         if server is not None:
-            # The marker's reference-server settings do not carry over to an external target.
-            for setting in settings.REFERENCE_ONLY:
+            # The marker's reference-server flags do not carry over to another server.
+            for setting in settings.SERVER_FLAGS:
                 kwargs.pop(setting.name, None)
         kwargs.update(given)
         failure = None
         try:
             resolved = self._factory.default
             if kwargs:
-                resolved = resolve_settings(self._request.config, kwargs, tuple(given))
+                resolved = resolve_settings(self._request.config, kwargs, tuple(given), target=resolved.target)
         except SettingsError as exc:
             failure = f"{SETTINGS_INVALID}: {exc}"
         else:

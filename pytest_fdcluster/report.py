@@ -1,15 +1,19 @@
-"""What the plugin tells the user after the tests: per-cluster figures, JSON, junit properties.
+"""What the plugin tells the user after the tests: per-cluster figures, the target matrix, JSON, junit properties.
 
 Records are built on the side that ran the test (an xdist worker, possibly)
-and travel in the teardown report's ``user_properties``, which xdist ships to
-the controller.  The process that consumes the reports (the controller, or
-the only process without xdist) takes each record out of the properties
-before junitxml sees them, so junit gets only the key figures; it gathers the
-records for the terminal summary and the JSON file.
+and travel in the reports' ``user_properties``, which xdist ships to the
+controller: each cluster's record, the test's target, and the invariant a
+failure names.  The process that consumes the reports (the controller, or the
+only process without xdist) takes them out of the properties before junitxml
+sees them, so junit gets only the key figures, and those only when asked
+(``--fdcluster-junit-properties``: pytest's default xunit2 family does not
+allow testcase properties); it gathers the records for the terminal summary
+and the JSON file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Optional, cast
@@ -18,13 +22,19 @@ import pytest
 
 from . import checks, observe
 from .cluster import Cluster
+from .matrix import MATRIX_TITLE, Matrix, invariant_of
 from .target import StopResult
 from .text import label_order, shell_join
 
 PLUGIN_NAME = "fdcluster-report"
 HELP_REPORT = "show per-cluster figures in the terminal summary"
-HELP_REPORT_JSON = "write per-cluster figures as JSON to this path"
+HELP_REPORT_JSON = "write per-cluster figures and the target-by-module matrix as JSON to this path"
 RECORD_KEY = "fdcluster.record"
+#: The name of the target a test ran against, set by the plugin's fixtures; and the invariant its failure names.
+TARGET_KEY = "fdcluster.target"
+INVARIANT_KEY = "fdcluster.invariant"
+#: Only the key figures reach junit, and only when asked.
+PROPERTY_PREFIX = "fdcluster."
 PAYLOAD_SEED = pytest.StashKey[Any]()
 CLUSTERS = pytest.StashKey[List[Cluster]]()
 SUMMARY_TITLE = "fdcluster clusters"
@@ -77,6 +87,8 @@ def build_record(
         "xdist_worker": xdist_worker,
         "payload_seed": seed if seed is None or isinstance(seed, (int, float, str)) else repr(seed),
         "reference": cluster.is_reference,
+        "target_name": cluster.settings.target,
+        "capabilities": dataclasses.asdict(cluster.settings.capabilities),
         "strategy": cluster.settings.strategy,
         "workers": cluster.settings.workers,
         "ready_seconds": round(cluster.ready_seconds, 4),
@@ -114,9 +126,11 @@ def format_record(record: Dict[str, Any]) -> str:
 class ClusterReporter:
     """Report hooks, registered by the plugin's ``pytest_configure``."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, junit_properties: bool = False) -> None:
         self.config = config
+        self.junit_properties = junit_properties
         self.records: List[Dict[str, Any]] = []
+        self.matrix = Matrix()
 
     @pytest.hookimpl(hookwrapper=True)  # old style on purpose: new-style wrappers need pluggy 1.1
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Any:
@@ -126,22 +140,39 @@ class ClusterReporter:
             section = replay_section(item)
             if section:
                 report.sections.append((REPLAY_TITLE, section))
+        if report.failed and call.excinfo is not None and any(key == TARGET_KEY for key, _ in item.user_properties):
+            # Named here, where the exception is at hand; the controller only sees its text.
+            invariant = invariant_of(str(call.excinfo.value), call.excinfo.typename)
+            report.user_properties.append((INVARIANT_KEY, invariant))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "teardown" or hasattr(self.config, "workerinput"):
+        if hasattr(self.config, "workerinput"):
             return  # an xdist worker leaves the records in place: they travel to the controller
+        properties = dict(report.user_properties)
+        if TARGET_KEY in properties:
+            outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
+            invariant = properties.get(INVARIANT_KEY)
+            self.matrix.add(report.nodeid, str(properties[TARGET_KEY]), outcome,
+                            None if invariant is None else str(invariant))
         kept = []
         for key, value in report.user_properties:
-            if key == RECORD_KEY:
+            if key == RECORD_KEY and report.when == "teardown":
                 self.records.append(json.loads(cast(str, value)))  # record_stop wrote it with json.dumps
+            elif key.startswith(PROPERTY_PREFIX) and (key in (RECORD_KEY, TARGET_KEY, INVARIANT_KEY)
+                                                      or not self.junit_properties):
+                continue
             else:
                 kept.append((key, value))
-        # tryfirst: junitxml, which runs after us, writes only the key figures.
+        # tryfirst: junitxml, which runs after us, writes only the key figures, and only when asked.
         report.user_properties = kept
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.records or not (self.config.getoption("fdcluster_report") or self.config.getoption("verbose") > 0):
+        asked = self.config.getoption("fdcluster_report") or self.config.getoption("verbose") > 0
+        if self.matrix.tests and (asked or len(self.matrix.targets) > 1):
+            terminalreporter.write_sep("=", MATRIX_TITLE)
+            terminalreporter.write_line(self.matrix.format())
+        if not self.records or not asked:
             return
         terminalreporter.write_sep("=", SUMMARY_TITLE)
         for record in self.records:
@@ -155,7 +186,7 @@ class ClusterReporter:
         path = os.path.join(self.config.invocation_params.dir, path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as out:
-            json.dump({"clusters": self.records}, out, indent=2, default=repr)
+            json.dump({"clusters": self.records, "matrix": self.matrix.as_json()}, out, indent=2, default=repr)
 
 
 def replay_section(item: pytest.Item) -> str:

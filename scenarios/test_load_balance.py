@@ -7,7 +7,10 @@ Invariants checked (load balance, 5):
 - while one worker is paused, the others take the load and the paused worker
   is not handed more than its share; everything is answered once it resumes;
 - the shared-accept strategy's imbalance is measured and reported (an
-  expected failure with the figures), never a silent pass.
+  expected failure with the figures), never a silent pass: the reference
+  server's, and that of an external target that declares strategy=shared-accept
+  (a target declaring another strategy is skipped with that reason; one whose
+  strategy is unknown fails, asking for the declaration).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_fdcluster import ClusterError, assert_fair, assert_round_robin, fairness, load, wait_until
+from pytest_fdcluster.capabilities import require
 
 PER_WORKER = 4
 ANSWER_TIMEOUT = 5.0
@@ -93,13 +97,34 @@ def test_paused_worker_is_not_handed_more_than_its_share(fdcluster):
             client.close()
 
 
+def owners_of_sequential_connections(cluster, count):
+    """Who served each of ``count`` connections opened one after another, located from outside."""
+    counts = {label: 0 for label in cluster.labels().values() if label != "master"}
+    for i in range(count):
+        with cluster.client(ANSWER_TIMEOUT) as client:
+            assert client.call("ping", i) == i, f"liveness: shared-accept connection {i}"
+            owner = wait_until(lambda: cluster.owner_of(client), 5.0, lambda: f"an owner for {client.local_address}")
+            counts[owner] = counts.get(owner, 0) + 1
+    return counts
+
+
 def test_shared_accept_imbalance_is_measured(fdcluster_factory, record_property):
-    if not fdcluster_factory.is_reference:
-        pytest.skip("shared-accept is a strategy of the reference server; the target decides its own dispatch")
-    cluster = fdcluster_factory.start(strategy="shared-accept")
-    result = load.run_load(cluster.address, clients=1, keepalive=False, requests=SHARED_ACCEPT_CONNECTIONS, timeout=ANSWER_TIMEOUT)
-    assert result.requests_ok == SHARED_ACCEPT_CONNECTIONS, f"liveness: shared-accept run: {result}"
-    counts = {f"worker {w['index']}": w["accepted"] for w in cluster.stats()["workers"]}
+    if fdcluster_factory.is_reference:
+        cluster = fdcluster_factory.start(strategy="shared-accept")
+    else:
+        # An external target is measured itself, once it declares that it shares the accept.
+        strategy = require(fdcluster_factory, "strategy")
+        if strategy != "shared-accept":
+            pytest.skip(f"target {fdcluster_factory.settings.target!r} declares strategy={strategy}: this scenario "
+                        "measures targets that declare strategy=shared-accept")
+        cluster = fdcluster_factory.start()
+    if cluster.stats() is not None:
+        result = load.run_load(cluster.address, clients=1, keepalive=False, requests=SHARED_ACCEPT_CONNECTIONS,
+                               timeout=ANSWER_TIMEOUT)
+        assert result.requests_ok == SHARED_ACCEPT_CONNECTIONS, f"liveness: shared-accept run: {result}"
+        counts = {f"worker {w['index']}": w["accepted"] for w in cluster.stats()["workers"]}
+    else:  # no counters of its own: each connection's holder is found from outside
+        counts = owners_of_sequential_connections(cluster, SHARED_ACCEPT_CONNECTIONS // 3)
     stats = fairness(counts)
     record_property("shared_accept_jain", round(stats.jain, 3))
     record_property("shared_accept_max_min_ratio", stats.max_min_ratio)

@@ -23,8 +23,10 @@ DEFAULT = {setting.name: setting.default for setting in settings.SETTINGS}
 def header(workers: int = DEFAULT["workers"], strategy: str = DEFAULT["strategy"],
            timeout: float = DEFAULT["startup_timeout"], grace: float = DEFAULT["grace"]) -> str:
     """The report header line the plugin prints for these settings (reference server)."""
-    return plugin.HEADER.format(target=plugin.HEADER_REFERENCE.format(strategy=strategy), workers=workers,
-                                timeout=timeout, grace=grace, seed=plugin.HEADER_SEED.format(seed=0))
+    return plugin.HEADER.format(target=plugin.HEADER_TARGET.format(target=plugin.HEADER_REFERENCE.format(
+        strategy=strategy)), workers=workers,
+                                timeout=timeout, grace=grace,
+                                seed=plugin.HEADER_SEED.format(seed=0, source=plugin.SEED_FAKER))
 
 
 def header_lines(result: pytest.RunResult) -> list:
@@ -161,24 +163,16 @@ class TestOptions:
                                      "*SIGKILL needed*"])
 
     @pytest.mark.parametrize(("source", "label"), [
-        ("marker", "marker"),
         ("command line", "--fdcluster-workers"),
         ("pytest.ini", "pytest.ini (fdcluster_workers)"),
         ("pyproject.toml", "pyproject.toml (fdcluster_workers)"),
         ("-o", f"{plugin.OVERRIDE_INI_LABEL} (fdcluster_workers)"),
     ])
-    def test_bad_value_names_its_source(self, pytester: pytest.Pytester, source: str, label: str) -> None:
+    def test_bad_value_is_a_usage_error_naming_its_source(self, pytester: pytest.Pytester, source: str,
+                                                          label: str) -> None:
+        # No test uses a cluster: the value is still checked, before anything runs.
+        pytester.makepyfile("def test_plain():\n    pass\n")
         args = []
-        if source == "marker":
-            pytester.makepyfile("""
-                import pytest
-
-                @pytest.mark.fdcluster(workers="x")
-                def test_bad(fdcluster):
-                    pass
-            """)
-        else:
-            pytester.makepyfile("def test_bad(fdcluster):\n    pass\n")
         if source == "command line":
             args = ["--fdcluster-workers", "x"]
         elif source == "pytest.ini":
@@ -189,8 +183,24 @@ class TestOptions:
             pytester.makefile(".ini", pytest="[pytest]\nfdcluster_workers = 2\n")
             args = ["-o", "fdcluster_workers=x"]
         result = pytester.runpytest_inprocess(*args)
-        result.assert_outcomes(errors=1)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
         problem = settings.INVALID_VALUE.format(name="workers", value="x", source=label)
+        result.stderr.fnmatch_lines([f"ERROR: {plugin.SETTINGS_INVALID}: {problem}: expected a positive integer"])
+
+    def test_bad_marker_value_fails_only_its_test(self, pytester: pytest.Pytester) -> None:
+        pytester.makepyfile("""
+            import pytest
+
+            @pytest.mark.fdcluster(workers="x")
+            def test_bad(fdcluster_settings):
+                pass
+
+            def test_good(fdcluster_settings):
+                pass
+        """)
+        result = pytester.runpytest_inprocess()
+        result.assert_outcomes(passed=1, errors=1)
+        problem = settings.INVALID_VALUE.format(name="workers", value="x", source=settings.SOURCE_MARKER)
         result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {problem}: expected a positive integer"])
 
     @pytest.mark.skipif(pytest.version_tuple < (9, 2),
@@ -211,12 +221,11 @@ class TestOptions:
     def test_bad_option_values(self, pytester: pytest.Pytester, option: str, value: str, expected: str) -> None:
         pytester.makepyfile(USES_SETTINGS)
         result = pytester.runpytest_inprocess(f"--fdcluster-{option}", value)
-        result.assert_outcomes(errors=1)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
         problem = settings.INVALID_VALUE.format(name=option.replace("-", "_"), value=value,
                                                 source=f"--fdcluster-{option}")
-        result.stdout.fnmatch_lines([f"*{plugin.SETTINGS_INVALID}: {problem}: {expected}"])
-        # The header says so too, before any test runs.
-        result.stdout.fnmatch_lines([f"{plugin.SETTINGS_INVALID}: {problem}*"])
+        result.stderr.fnmatch_lines([f"ERROR: {plugin.SETTINGS_INVALID}: {problem}: {expected}"])
+        assert header_lines(result) == []  # nothing ran
 
 
 class TestMarker:
@@ -259,8 +268,8 @@ class TestMarker:
          + ": expected a positive integer"),
         ("fdcluster(max_frame='big')", settings.INVALID_VALUE.format(name="max_frame", value="big", source="marker")
          + ": expected a positive integer"),
-        ("fdcluster(server='srv {port}', strategy='shared-accept')",
-         "Invalid strategy from marker: reference-server settings do not apply to the external target 'srv {port}'"),
+        ("fdcluster(server='srv {port}', max_pending=3)",
+         "Invalid max_pending from marker: reference-server settings do not apply to the external target 'srv {port}'"),
     ])
     def test_bad_marker(self, pytester: pytest.Pytester, mark: str, problem: str) -> None:
         pytester.makepyfile(f"""
@@ -327,12 +336,15 @@ class TestSettingsTable:
         command = " ".join(resolved.command)
         assert "--strategy shared-accept --log-level warning --max-frame 4096 --handlers a --handlers b:H" in command
 
-    def test_an_external_target_ignores_the_strategy_option_but_not_the_markers(self) -> None:
+    def test_an_external_target_ignores_the_strategy_option_and_the_marker_declares_it(self) -> None:
         resolved = self.resolve(option={"fdcluster_server": "srv --port {port}", "fdcluster_strategy": "fastest"})
         assert resolved.command == ("srv", "--port", "{port}") and resolved.strategy is None
-        with pytest.raises(settings.SettingsError, match="^Invalid strategy from marker: reference-server settings"):
-            self.resolve({"strategy": "shared-accept"}, option={"fdcluster_server": "srv"})
+        assert resolved.capabilities.strategy == "round-robin"
+        declared = self.resolve({"strategy": "shared-accept"}, option={"fdcluster_server": "srv"})
+        assert declared.capabilities.strategy == "shared-accept" and declared.strategy is None
+        with pytest.raises(settings.SettingsError, match="^Invalid max_pending from marker: reference-server settings"):
+            self.resolve({"max_pending": 3}, option={"fdcluster_server": "srv"})
 
     def test_marker_keys_keep_the_signature_first(self) -> None:
         assert settings.MARKER_KEYS[:2] == settings.MARKER_SIGNATURE == ("workers", "server")
-        assert sorted(settings.MARKER_KEYS) == sorted(settings.BY_NAME)
+        assert sorted(settings.MARKER_KEYS) == sorted(s.name for s in settings.SETTINGS if s.marker)

@@ -59,10 +59,11 @@ class TestReport:
     def test_header(self, pytester: pytest.Pytester) -> None:
         result = pytester.runpytest_inprocess()
         result.stdout.fnmatch_lines([plugin.HEADER.format(
-            target=plugin.HEADER_REFERENCE.format(strategy=settings.BY_NAME["strategy"].default),
+            target=plugin.HEADER_TARGET.format(
+                target=plugin.HEADER_REFERENCE.format(strategy=settings.BY_NAME["strategy"].default)),
             workers=settings.BY_NAME["workers"].default, timeout=settings.BY_NAME["startup_timeout"].default,
             grace=settings.BY_NAME["grace"].default,
-            seed=plugin.HEADER_SEED.format(seed=plugin.DEFAULT_SEED))])
+            seed=plugin.HEADER_SEED.format(seed=plugin.DEFAULT_SEED, source=plugin.SEED_FAKER))])
 
     def test_header_names_an_external_target(self, pytester: pytest.Pytester) -> None:
         command = stubborn_command()
@@ -72,7 +73,8 @@ class TestReport:
     def test_summary_json_junit_and_replay(self, pytester: pytest.Pytester) -> None:
         pytester.makepyfile(REPORTED_TESTS)
         result = run_subprocess(pytester, "--fdcluster-report", "--fdcluster-report-json", "report.json",
-                                "--junitxml", "junit.xml", faker=True)
+                                "--junitxml", "junit.xml", "--fdcluster-junit-properties", "yes",
+                                "-o", "junit_family=xunit1", faker=True)
         result.assert_outcomes(passed=1, failed=1)
 
         # The failure says how to replay it: the seed, the target, the faults with their times.
@@ -135,7 +137,7 @@ class TestXdist:
         ports = pytester.mkdir("ports")
         pytester.makepyfile(XDIST_TESTS.format(ports=str(ports)))
         result = run_subprocess(pytester, "-n", "2", "-v", "--fdcluster-report-json", "report.json",
-                                "--junitxml", "junit.xml")
+                                "--junitxml", "junit.xml", "-o", "fdcluster_junit_properties=yes")
         result.assert_outcomes(passed=4)
 
         # The two clusters that ran at the same time, one per xdist worker, had their own ports.
