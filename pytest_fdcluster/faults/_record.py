@@ -51,6 +51,8 @@ def peer_of(target: Union[Client, socket.socket]) -> Optional[Address]:
 
 
 def _format(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
+        return format_address(value)  # a (host, port) address, as every message writes one
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (bytes, bytearray, memoryview)):

@@ -24,7 +24,6 @@ from fdcluster_server import protocol
 from ..client import Client
 from ..cluster import Cluster
 from ..sockets import Address
-from ..text import format_address
 from ._record import Target, peer_of, record, resolve
 
 SockOrClient = Union[socket.socket, Client]
@@ -145,11 +144,11 @@ def rst_close(target: SockOrClient, *, cluster: Optional[Cluster] = None) -> Non
     reset_socket(target)
 
 
-def _local_of(target: SockOrClient) -> Optional[str]:
+def _local_of(target: SockOrClient) -> Optional[Address]:
     if isinstance(target, Client):
-        return format_address(target.local_address)
+        return target.local_address
     try:
-        return format_address(target.getsockname()[:2])
+        return target.getsockname()[:2]
     except OSError:
         return None
 
@@ -178,7 +177,7 @@ def truncate_and_close(target: Target, frame: bytes, keep: int, timeout: float =
     address, cluster = resolve(target)
     with Client(address, timeout=timeout) as client:
         record(cluster, "truncate_and_close", address, frame=frame, keep=keep,
-               local=format_address(client.local_address))
+               local=client.local_address)
         if keep:
             client.send_raw(frame[:keep])
         return client.local_address
@@ -193,7 +192,7 @@ def half_close_request(target: Target, method: str, params: Any = None, timeout:
     address, cluster = resolve(target)
     with Client(address, timeout=timeout) as client:
         record(cluster, "half_close_request", address, method=method, params=params,
-               local=format_address(client.local_address))
+               local=client.local_address)
         client.send_raw(protocol.request(method, params))
         client.shutdown_write()
         response = client.recv_frame()
