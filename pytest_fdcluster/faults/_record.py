@@ -20,7 +20,7 @@ from ..cluster import Cluster
 from ..sockets import Address
 from ..text import format_address
 
-__all__ = ["Target", "describe", "logger", "peer_of", "record", "resolve"]
+__all__ = ["Target", "describe", "local_of", "logger", "peer_of", "record", "resolve"]
 
 #: What an injector is aimed at: a running cluster, or the address of any server.
 Target = Union[Cluster, Address]
@@ -42,10 +42,19 @@ def resolve(target: Target) -> Tuple[Address, Optional[Cluster]]:
 
 def peer_of(target: Union[Client, socket.socket]) -> Optional[Address]:
     """The server address a connected client or socket talks to (None once it is closed)."""
+    return _end(target, "address", "getpeername")
+
+
+def local_of(target: Union[Client, socket.socket]) -> Optional[Address]:
+    """The client's own address, which names the connection in a snapshot (None once it is closed)."""
+    return _end(target, "local_address", "getsockname")
+
+
+def _end(target: Union[Client, socket.socket], attribute: str, query: str) -> Optional[Address]:
     if isinstance(target, Client):
-        return target.address
+        return getattr(target, attribute)
     try:
-        return target.getpeername()[:2]
+        return getattr(target, query)()[:2]
     except OSError:
         return None
 

@@ -24,7 +24,7 @@ from fdcluster_server import protocol
 from ..client import Client
 from ..cluster import Cluster
 from ..sockets import Address
-from ._record import Target, peer_of, record, resolve
+from ._record import Target, local_of, peer_of, record, resolve
 
 SockOrClient = Union[socket.socket, Client]
 
@@ -140,17 +140,8 @@ def rst_close(target: SockOrClient, *, cluster: Optional[Cluster] = None) -> Non
 
     ``cluster`` is where the injection is recorded (else only logged).
     """
-    record(_cluster_of(target, cluster), "rst_close", peer_of(target), local=_local_of(target))
+    record(_cluster_of(target, cluster), "rst_close", peer_of(target), local=local_of(target))
     reset_socket(target)
-
-
-def _local_of(target: SockOrClient) -> Optional[Address]:
-    if isinstance(target, Client):
-        return target.local_address
-    try:
-        return target.getsockname()[:2]
-    except OSError:
-        return None
 
 
 def reset_socket(target: SockOrClient) -> None:
