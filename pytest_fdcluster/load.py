@@ -38,6 +38,7 @@ from .histogram import Histogram
 from .load_clients import PROGRESS_INTERVAL, LoadError, Part, Payload, Plan, run_part
 from .load_result import ERROR_KINDS, LoadResult, Misbehaving, check_response
 from .sockets import Address
+from .text import format_address
 
 __all__ = [
     "ERROR_KINDS",
@@ -192,7 +193,7 @@ def run_load(
         plans.append(Plan(address, method, payload, keepalive, timeout, run_for,
                            [(i, quotas.get(i)) for i in ids], clients, master_pid, labels, observe,
                            fault, tuple(misbehaving)))
-    where = cluster.name if cluster is not None else f"{address[0]}:{address[1]}"
+    where = cluster.name if cluster is not None else format_address(address)
     record(cluster, "load", address, log=logger, clients=clients, requests=requests, duration=duration,
            keepalive=keepalive, processes=processes, method=method, fault=fault_name,
            fraction=fraction if fault is not None else None, seed=seed if fault is not None else None,
