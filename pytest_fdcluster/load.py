@@ -9,33 +9,36 @@ successful request's latency goes into a ``Histogram`` that processes merge.
 
 Given a ``Cluster``, it also tells which worker served which connection,
 observed from outside by ``connection_owners`` while the connection is
-still open.  The result, ``LoadResult``, and the judging of answers live in
-``load_result``; the histogram in ``histogram``.  All are importable from
-here as before.
+still open, records the run in the cluster's events, and logs progress at
+INFO on ``fdcluster.load`` once a second.  With ``fault=``, a seeded share
+of the clients misbehave (``faults.misbehaviours``) while the rest are
+measured.  The result, ``LoadResult``, and the judging of answers live in
+``load_result``; the histogram in ``histogram``; one process's clients in
+``load_clients``.  All are importable from here as before.
 
 Framing comes from ``fdcluster_server.protocol``.  No pytest import.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue
-import socket
-import threading
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from fdcluster_server import protocol
-
 from .cluster import Cluster
-from .connection_owners import OBSERVE_TIMEOUT, ConnectionOwners
+from .connection_owners import OBSERVE_TIMEOUT
+from .faults._record import record, resolve
+from .faults.misbehaviours import Misbehaviour, check_misbehaviour, choose_misbehaving
 from .histogram import Histogram
-from .load_result import ECHOING_METHODS, ERROR_KINDS, LoadResult, check_response
-from .sockets import RECV_SIZE, Address, errno_kind
+from .load_clients import PROGRESS_INTERVAL, LoadError, Part, Payload, Plan, run_part
+from .load_result import ERROR_KINDS, LoadResult, Misbehaving, check_response
+from .sockets import Address
+from .text import format_address
 
 __all__ = [
     "ERROR_KINDS",
@@ -43,11 +46,10 @@ __all__ = [
     "Histogram",
     "LoadError",
     "LoadResult",
+    "Misbehaving",
     "check_response",
     "run_load",
 ]
-
-Payload = Union[None, Callable[[int], Any], Any]
 
 #: Hard cap on a run, whether bounded by duration or by a request count.
 MAX_DURATION = 300.0
@@ -55,225 +57,29 @@ MAX_DURATION = 300.0
 #: How long worker processes may take to start (interpreter, imports) before the run is abandoned.
 PROCESS_START_TIMEOUT = 60.0
 
-_MAX_RESPONSE = 16 * protocol.DEFAULT_MAX_FRAME
+logger = logging.getLogger("fdcluster.load")
 
 
-class LoadError(RuntimeError):
-    """The load generator itself failed (a client thread or process crashed); the message carries the traceback."""
+class _Progress:
+    """Logs a run's progress at INFO, at most once per ``PROGRESS_INTERVAL``: requests, errors, rate."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.started = self.last_time = time.monotonic()
+        self.last_ok = 0
+
+    def __call__(self, ok: int, failed: int) -> None:
+        now = time.monotonic()
+        # A little slack: reports from several processes arrive close to, not exactly at, the interval.
+        if now - self.last_time < 0.9 * PROGRESS_INTERVAL:
+            return
+        rate = (ok - self.last_ok) / (now - self.last_time)
+        logger.info("load on %s: %d requests ok, %d failed, %.0f req/s, %.1f s", self.where, ok, failed, rate,
+                    now - self.started)
+        self.last_time, self.last_ok = now, ok
 
 
-# -- one process's share of the clients -------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """What one process runs; picklable, so it crosses to spawned processes."""
-
-    address: Address
-    method: str
-    payload: Payload
-    keepalive: bool
-    timeout: float
-    duration: float
-    #: (global client id, request quota or None) for each client of this process.
-    clients: List[Tuple[int, Optional[int]]]
-    total_clients: int
-    master_pid: Optional[int] = None
-    labels: Optional[Dict[int, str]] = None
-    observe_each: bool = False
-
-
-@dataclass
-class _Part:
-    """What one process (or one client) measured."""
-
-    ok: int = 0
-    errors: Counter = field(default_factory=Counter)
-    histogram: Histogram = field(default_factory=Histogram)
-    connections: int = 0
-    per_worker: Counter = field(default_factory=Counter)
-    requests_per_worker: Counter = field(default_factory=Counter)
-    started: float = 0.0
-    ended: float = 0.0
-
-    def merge(self, other: _Part) -> None:
-        self.ok += other.ok
-        self.errors.update(other.errors)
-        self.histogram.merge(other.histogram)
-        self.connections += other.connections
-        self.per_worker.update(other.per_worker)
-        self.requests_per_worker.update(other.requests_per_worker)
-
-
-class _Eof(Exception):
-    """The server closed the connection while a response was awaited."""
-
-
-class _Connection:
-    """One client connection; its receive buffer is the client's, reused across connections."""
-
-    __slots__ = ("sock", "decoder", "buffer", "view", "address", "ticket", "requests")
-
-    def __init__(self, address: Address, timeout: float, buffer: bytearray, view: memoryview) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.address: Address = self.sock.getsockname()[:2]
-        except BaseException:
-            self.sock.close()
-            raise
-        self.decoder = protocol.FrameDecoder(_MAX_RESPONSE)
-        self.buffer = buffer
-        self.view = view
-        self.ticket: Optional[int] = None
-        self.requests = 0
-
-    def exchange(self, frame: bytes) -> bytes:
-        """Send one request frame and return the body of the response frame."""
-        sock = self.sock
-        sock.sendall(frame)
-        decoder = self.decoder
-        while True:
-            n = sock.recv_into(self.buffer)
-            if not n:
-                raise _Eof()
-            bodies = decoder.feed(self.view[:n])  # type: ignore[arg-type]  # any bytes-like, no copy
-            if decoder.failure is not None:
-                raise protocol.ProtocolError(str(decoder.failure))
-            if bodies:
-                return bodies[0]  # one request in flight: one response per exchange
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _error_kind(exc: BaseException) -> str:
-    """The ``ERROR_KINDS`` entry a failed exchange counts under."""
-    if isinstance(exc, _Eof):
-        return "eof"
-    if isinstance(exc, socket.timeout):
-        return "timed_out"
-    if isinstance(exc, protocol.ProtocolError):
-        return "mismatched"
-    if isinstance(exc, OSError):
-        return errno_kind(exc.errno) or "other"
-    return "other"
-
-
-def _client_loop(plan: _Plan, client_id: int, quota: Optional[int], deadline: float,
-                 observer: Optional[ConnectionOwners], part: _Part) -> None:
-    """One client's requests until its quota or the deadline; results go into ``part``."""
-    method = plan.method
-    payload = plan.payload
-    expected_out = ECHOING_METHODS.get(method)
-    fixed = payload is not None and not callable(payload)
-    if fixed:
-        # A fixed payload is encoded once for the whole run.
-        fixed_frame = protocol.request(method, payload)
-        fixed_expected = protocol.response(expected_out, payload)[protocol.HEADER_SIZE:] if expected_out else None
-    histogram = part.histogram
-    errors = part.errors
-    record = histogram.record
-    perf = time.perf_counter
-    now = time.monotonic
-    stride = plan.total_clients
-    conn: Optional[_Connection] = None
-    sent = 0
-    buffer = bytearray(RECV_SIZE)
-    view = memoryview(buffer)
-
-    def finish(connection: _Connection) -> None:
-        if connection.ticket is not None and observer is not None:
-            label = observer.verdict(connection.ticket)
-            part.per_worker[label] += 1
-            part.requests_per_worker[label] += connection.requests
-        connection.close()
-
-    try:
-        while (quota is None or sent < quota) and now() < deadline:
-            i = client_id + stride * sent  # unique across clients and processes
-            sent += 1
-            if fixed:
-                frame, expected, params = fixed_frame, fixed_expected, payload
-            else:
-                params = i if payload is None else payload(i)
-                frame = protocol.request(method, params)
-                expected = protocol.response(expected_out, params)[protocol.HEADER_SIZE:] if expected_out else None
-            started = perf()
-            try:
-                if conn is None:
-                    conn = _Connection(plan.address, plan.timeout, buffer, view)
-                    part.connections += 1
-                body = conn.exchange(frame)
-            except Exception as exc:  # every failure of one request is counted, not raised
-                errors[_error_kind(exc)] += 1
-                if conn is not None:
-                    finish(conn)  # its stream may be out of step: start afresh
-                    conn = None
-                continue
-            kind = (None if (expected is not None and body == expected)
-                    else check_response(body, params, method, expected))
-            if kind is not None:
-                errors[kind] += 1
-                finish(conn)
-                conn = None
-                continue
-            record(perf() - started)
-            part.ok += 1
-            conn.requests += 1
-            if observer is not None and conn.ticket is None and (plan.keepalive or plan.observe_each):
-                conn.ticket = observer.register(conn.address)
-            if not plan.keepalive:
-                finish(conn)
-                conn = None
-    finally:
-        if conn is not None:
-            finish(conn)
-
-
-def _run_part(plan: _Plan, start_gate: Optional[Callable[[], None]] = None) -> _Part:
-    """Run this process's clients as threads; return their merged measurements."""
-    observer = ConnectionOwners(plan.master_pid, plan.labels or {}) if plan.master_pid is not None else None
-    parts = [_Part() for _ in plan.clients]
-    failures: List[str] = []
-
-    def body(index: int, client_id: int, quota: Optional[int], deadline: float) -> None:
-        try:
-            _client_loop(plan, client_id, quota, deadline, observer, parts[index])
-        except BaseException:
-            failures.append(traceback.format_exc())
-
-    try:
-        if start_gate is not None:
-            start_gate()
-        started = time.monotonic()
-        deadline = started + plan.duration
-        threads = [threading.Thread(target=body, args=(index, client_id, quota, deadline),
-                                    name=f"fdcluster-load-client-{client_id}", daemon=True)
-                   for index, (client_id, quota) in enumerate(plan.clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            # Every client stops by the deadline plus one request's timeout (and a reconnect's).
-            thread.join(max(0.0, deadline - time.monotonic()) + 3 * plan.timeout + OBSERVE_TIMEOUT)
-        ended = time.monotonic()
-        if any(thread.is_alive() for thread in threads):
-            failures.append("a load client did not stop within its deadline")
-    finally:
-        if observer is not None:
-            observer.stop()
-    if observer is not None and observer.error is not None:
-        error = observer.error
-        failures.append("".join(traceback.format_exception(type(error), error, error.__traceback__)))
-    if failures:
-        raise LoadError("load client failed:\n" + failures[0])
-    total = _Part(started=started, ended=ended)
-    for part in parts:
-        total.merge(part)
-    return total
-
-
-def _process_main(plan: _Plan, ready: Any, go: Any, results: Any) -> None:
+def _process_main(plan: Plan, ready: Any, go: Any, results: Any) -> None:
     """Entry point of a spawned load process: report ready, wait for go, run, send back the part."""
     try:
         def gate() -> None:
@@ -281,7 +87,10 @@ def _process_main(plan: _Plan, ready: Any, go: Any, results: Any) -> None:
             if not go.wait(PROCESS_START_TIMEOUT):
                 raise LoadError("the parent never gave the start signal")
 
-        results.put(("done", _run_part(plan, gate)))
+        def progress(ok: int, failed: int) -> None:
+            results.put(("progress", (os.getpid(), ok, failed)))
+
+        results.put(("done", run_part(plan, gate, progress)))
     except BaseException:
         results.put(("error", traceback.format_exc()))
 
@@ -314,7 +123,7 @@ def _validate(clients: int, requests: Optional[int], duration: Optional[float], 
 
 
 def run_load(
-    address: Address,
+    target: Union[Cluster, Address],
     *,
     clients: int = 4,
     requests: Optional[int] = None,
@@ -326,8 +135,11 @@ def run_load(
     cluster: Optional[Cluster] = None,
     method: str = "ping",
     observe: bool = False,
+    fault: Optional[Misbehaviour] = None,
+    fraction: float = 0.1,
+    seed: int = 0,
 ) -> LoadResult:
-    """Drive ``address`` with ``clients`` concurrent clients and return what they saw.
+    """Drive ``target`` (a ``Cluster``, or any server's address) with ``clients`` concurrent clients.
 
     The run ends after ``requests`` requests in all, or after ``duration``
     seconds, whichever comes first (at least one is required; never more than
@@ -336,35 +148,62 @@ def run_load(
     ``payload`` is the params of every request: None for the request's unique
     number, a callable ``payload(i) -> params`` of that number (module-level,
     so other processes can import it), or any other JSON value, sent as is
-    and encoded once.  ``ping``/``echo`` answers must echo the params.
+    and encoded once.  ``ping``/``echo`` answers must echo the params (as a
+    JSON value: any spacing, any key order).
 
     ``processes > 1`` spreads the clients over that many processes (started
     with ``spawn``, never forked from this threaded process) whose histograms
     and counters are merged; a script doing this needs the usual
-    ``if __name__ == "__main__":`` guard of ``multiprocessing``.  With ``cluster``, each connection is placed on
-    the worker that held it; in per-request mode only with ``observe=True``,
-    which waits for a snapshot per connection and is slow.
+    ``if __name__ == "__main__":`` guard of ``multiprocessing``.
+
+    Given a cluster (as ``target``, or ``cluster=`` with an address), each
+    connection is placed on the worker that held it (in per-request mode
+    only with ``observe=True``, which waits for a snapshot per connection
+    and is slow), and the run is recorded in the cluster's events.
+
+    ``fault`` makes ``round(clients * fraction)`` clients (at least one, and
+    never all) misbehave instead of sending requests, each connection they
+    open doing ``fault`` (see ``faults.misbehaviours``: ``"rst"``,
+    ``"truncate"``, ``"slowloris"``, ``"slow_reader"`` or a callable given
+    the connected socket); ``seed`` chooses which clients, replayably.  The
+    requests go to the other clients only, and every figure of the result
+    (errors, latency, per-worker counts) is theirs; what the misbehaving
+    ones saw is in ``result.misbehaving``.
     """
     run_for = _validate(clients, requests, duration, processes, timeout)
-    address = (address[0], int(address[1]))
-    processes = min(processes, clients)
+    address, given = resolve(target)
+    cluster = cluster if cluster is not None else given
+    misbehaving: List[int] = []
+    fault_name = None
+    if fault is not None:
+        fault_name = check_misbehaviour(fault, fraction)
+        misbehaving = choose_misbehaving(clients, fraction, seed)
+    measured = [c for c in range(clients) if c not in misbehaving]
+    processes = min(processes, len(measured))
     labels: Optional[Dict[int, str]] = None
     master_pid: Optional[int] = None
     if cluster is not None and (keepalive or observe):
         labels = cluster.labels()
         master_pid = cluster.master
-    quotas = _quotas(requests, clients)
+    quotas = dict(zip(measured, _quotas(requests, len(measured))))
     plans = []
     for p in range(processes):
-        ids = list(range(p, clients, processes))
-        plans.append(_Plan(address, method, payload, keepalive, timeout, run_for,
-                           [(i, quotas[i]) for i in ids], clients, master_pid, labels, observe))
+        # Every process gets well-behaved clients: misbehaving ones stop when those are done.
+        ids = measured[p::processes] + misbehaving[p::processes]
+        plans.append(Plan(address, method, payload, keepalive, timeout, run_for,
+                           [(i, quotas.get(i)) for i in ids], clients, master_pid, labels, observe,
+                           fault, tuple(misbehaving)))
+    where = cluster.name if cluster is not None else format_address(address)
+    record(cluster, "load", address, log=logger, clients=clients, requests=requests, duration=duration,
+           keepalive=keepalive, processes=processes, method=method, fault=fault_name,
+           fraction=fraction if fault is not None else None, seed=seed if fault is not None else None,
+           misbehaving=misbehaving or None)
     if processes == 1:
-        part = _run_part(plans[0])
+        part = run_part(plans[0], progress=_Progress(where))
         total, started, ended = part, part.started, part.ended
     else:
-        parts = _run_processes(plans)
-        total = _Part()
+        parts = _run_processes(plans, _Progress(where))
+        total = Part()
         for part in parts:
             total.merge(part)
         started, ended = min(p.started for p in parts), max(p.ended for p in parts)
@@ -375,6 +214,10 @@ def run_load(
         processes=processes, keepalive=keepalive, method=method, connections=total.connections,
     )
     result.capped = duration is None and requests is not None and result.requests < requests
+    if fault is not None:
+        bad = total.misbehaving
+        result.misbehaving = Misbehaving(fault_name or "", fraction, seed, misbehaving, bad.connections,
+                                         bad.closed_by_server, Counter({k: v for k, v in bad.errors.items() if v}))
     if labels is not None:
         spread = {label: 0 for pid, label in labels.items() if pid != master_pid}
         requests_spread = dict(spread)
@@ -383,16 +226,21 @@ def run_load(
         for label, n in total.requests_per_worker.items():
             requests_spread[label] = requests_spread.get(label, 0) + n
         result.per_worker, result.requests_per_worker = spread, requests_spread
+    record(cluster, "load done", address, log=logger, ok=result.requests_ok, failed=result.error_count,
+           seconds=round(result.duration, 3), misbehaving_connections=total.misbehaving.connections if fault else None)
     return result
 
 
-def _run_processes(plans: Sequence[_Plan]) -> List[_Part]:
-    """Run each plan in its own spawned process, start them together, collect their parts."""
+def _run_processes(plans: Sequence[Plan], progress: Callable[[int, int], None]) -> List[Part]:
+    """Run each plan in its own spawned process, start them together, collect their parts.
+
+    Each process reports its progress; ``progress`` gets the sums.
+    """
     ctx = multiprocessing.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_process_main, args=(plan, ready, go, results), daemon=True,
                          name=f"fdcluster-load-{n}") for n, plan in enumerate(plans)]
-    parts: List[_Part] = []
+    parts: List[Part] = []
     try:
         for proc in procs:
             proc.start()
@@ -407,13 +255,22 @@ def _run_processes(plans: Sequence[_Plan]) -> List[_Part]:
         go.set()
         plan = plans[0]
         deadline = time.monotonic() + plan.duration + 3 * plan.timeout + OBSERVE_TIMEOUT + PROCESS_START_TIMEOUT
+        reported: Dict[int, Tuple[int, int]] = {}
         while len(parts) < len(procs):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LoadError(f"{len(procs) - len(parts)} load processes sent no result in time")
             try:
-                kind, value = results.get(timeout=max(0.01, deadline - time.monotonic()))
+                kind, value = results.get(timeout=min(PROGRESS_INTERVAL, remaining))
             except queue.Empty:
-                raise LoadError(f"{len(procs) - len(parts)} load processes sent no result in time") from None
+                continue
             if kind == "error":
                 raise LoadError(f"a load process failed:\n{value}")
+            if kind == "progress":
+                pid, ok, failed = value
+                reported[pid] = (ok, failed)
+                progress(sum(r[0] for r in reported.values()), sum(r[1] for r in reported.values()))
+                continue
             parts.append(value)
         return parts
     finally:

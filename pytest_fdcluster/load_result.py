@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from fdcluster_server import protocol
 
 from .histogram import Histogram, format_seconds
 
-__all__ = ["ECHOING_METHODS", "ERROR_KINDS", "LoadResult", "check_response"]
+__all__ = ["ECHOING_METHODS", "ERROR_KINDS", "LoadResult", "Misbehaving", "check_response"]
 
 #: Why a request failed.  "other" is an OS error none of the rest describes.
 ERROR_KINDS = ("refused", "reset", "timed_out", "eof", "error-frame", "mismatched", "other")
@@ -80,6 +80,31 @@ def check_response(body: bytes, params: Any, method: str = "ping",
 
 
 @dataclass
+class Misbehaving:
+    """What the misbehaving share of a load run did (``run_load(fault=...)``); none of it is in the load's figures."""
+
+    #: The misbehaviour's name (``"slowloris"``...) or the callable's qualified name.
+    fault: str = ""
+    fraction: float = 0.0
+    seed: int = 0
+    #: The numbers of the clients that misbehaved (``choose_misbehaving``).
+    clients: List[int] = field(default_factory=list)
+    #: Misbehaving connections opened.
+    connections: int = 0
+    #: Held connections (slowloris, slow_reader) the server closed before the run ended.
+    closed_by_server: int = 0
+    #: What went wrong for the misbehaving connections, by kind: expected, and never the load's errors.
+    errors: Counter = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        text = (f"  misbehaving  {len(self.clients)} clients {self.clients} ({self.fault}, fraction {self.fraction:g}, "
+                f"seed {self.seed}): {self.connections} connections, {self.closed_by_server} closed by the server")
+        if self.errors:
+            text += ", " + ", ".join(f"{kind} {n}" for kind, n in sorted(self.errors.items()))
+        return text + "; not counted above"
+
+
+@dataclass
 class LoadResult:
     """What a load run did: counts, errors by kind, latency histogram, per-worker spread."""
 
@@ -103,6 +128,8 @@ class LoadResult:
     requests_per_worker: Optional[Dict[str, int]] = None
     #: The run stopped at ``MAX_DURATION`` before its request count was reached.
     capped: bool = False
+    #: The misbehaving share, with ``fault``; every other figure is the well-behaved clients' only.
+    misbehaving: Optional[Misbehaving] = None
 
     @property
     def requests(self) -> int:
@@ -163,5 +190,7 @@ class LoadResult:
             lines.append(f"  {'worker':<{width}}  connections  requests")
             for label, n in self.per_worker.items():
                 lines.append(f"  {label:<{width}}  {n:>11}  {requests.get(label, 0):>8}")
+        if self.misbehaving is not None:
+            lines.append(str(self.misbehaving))
         return "\n".join(lines)
 

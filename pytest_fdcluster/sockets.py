@@ -7,6 +7,7 @@ errno the same thing.  Client side only; no pytest import.
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Optional, Tuple
 
 Address = Tuple[str, int]
@@ -32,3 +33,12 @@ def errno_kind(code: Optional[int]) -> Optional[str]:
     if code == errno.ETIMEDOUT:
         return "timed_out"
     return None
+
+
+def error_kind(exc: BaseException) -> str:
+    """The counter a failed socket operation goes to: ``errno_kind``'s, ``timed_out`` for a timeout, else ``other``."""
+    if isinstance(exc, socket.timeout):
+        return "timed_out"
+    if isinstance(exc, OSError):
+        return errno_kind(exc.errno) or "other"
+    return "other"

@@ -7,16 +7,27 @@ still unacknowledged.  Faults on the server's processes themselves (kill,
 pause, resume a worker; kill the master) are ``Cluster`` methods and are not
 repeated here.
 
-Every injector talks to a loopback address, is bounded in how many sockets
-it opens and how long it runs, and closes every socket it opened when it
-ends -- the classes are context managers whose exit closes them even when the
-test body raised.  Framing comes from ``fdcluster_server.protocol``; these
-modules only misbehave with the bytes.  No pytest import.
+One shape for all of them.  Each takes a ``Cluster`` (or a plain
+``(host, port)``; those that misbehave on the test's own connection take a
+``Client`` or socket, with ``cluster=`` to record in).  Each is one call,
+and those that leave something open are also context managers: entering
+injects the fault, exiting undoes it (closes the sockets), even when the test
+body raised, so several compose in one ``contextlib.ExitStack``.  Each
+records itself: one line with its parameters in the cluster's events (shown
+under "fdcluster: to replay" when a test fails) and at INFO on the
+``fdcluster.faults`` logger; a plain address is only logged.
+
+Every injector is bounded in how many sockets it opens and how long it runs.
+Framing comes from ``fdcluster_server.protocol``; these modules only
+misbehave with the bytes, and judge answers by their JSON value.  No pytest
+import.
 
 One module per family: ``frames`` (split frames, ending a connection badly),
 ``slow_clients`` (slowloris, the client that never reads), ``storms``
 (connection and RST storms), ``process_faults`` (a worker killed during
-handoff); ``_connect`` opens many sockets at once for them.
+handoff), ``misbehaviours`` (what one connection of a load run does wrong);
+``_connect`` opens many sockets at once for them, ``_record`` writes every
+injection down.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 from ..sockets import Address as Address
 from ._connect import MAX_CONNECTIONS as MAX_CONNECTIONS
 from ._connect import FaultError
+from ._record import Target as Target
 from .frames import MAX_PIECES as MAX_PIECES
 from .frames import SockOrClient as SockOrClient
 from .frames import (
@@ -34,6 +46,8 @@ from .frames import (
     split_frame,
     truncate_and_close,
 )
+from .misbehaviours import MISBEHAVIOURS as MISBEHAVIOURS
+from .misbehaviours import choose_misbehaving
 from .process_faults import Answer as Answer
 from .process_faults import HandoffKill, kill_during_handoff
 from .slow_clients import Slowloris, SlowReader
@@ -48,6 +62,7 @@ __all__ = [
     "Slowloris",
     "StormResult",
     "byte_by_byte",
+    "choose_misbehaving",
     "half_close_request",
     "kill_during_handoff",
     "rst_close",

@@ -4,7 +4,10 @@
 handed it connections it cannot acknowledge, then SIGKILLs it: every one of
 those clients should still be answered by another worker.  Plain process
 faults (kill, pause, resume a worker; kill the master) are ``Cluster``
-methods and are not repeated here.
+methods and are not repeated here.  It needs a ``Cluster`` (the server's
+processes, not just its address); it is one call whose ``HandoffKill`` is a
+context manager closing the clients, and it records itself (see ``_record``)
+besides the pause and kill the cluster records.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..polling import POLL_INTERVAL
 from ..sockets import Address
 from ..text import format_address
 from ._connect import MAX_CONNECTIONS, FaultError, check_count
+from ._record import logger, record
 
 Answer = Tuple[int, Union[dict, BaseException]]
 
@@ -130,6 +134,7 @@ def kill_during_handoff(cluster: Cluster, worker: WorkerRef = 0, connections: in
         index = next((w["index"] for w in stats["workers"] if w.get("pid") == pid), None)
         redistributed = stats["master"].get("redistributed")
     labels = cluster.labels()
+    record(cluster, "kill_during_handoff", worker=pid, connections=connections, timeout=timeout)
     cluster.pause_worker(pid)
     kill = HandoffKill(cluster, pid, index, redistributed)
     deadline = time.monotonic() + timeout
@@ -140,6 +145,8 @@ def kill_during_handoff(cluster: Cluster, worker: WorkerRef = 0, connections: in
             _hand_to_frozen_generic(cluster, kill, connections, deadline, timeout, labels)
         cluster.kill_worker(pid)
         cluster.paused.discard(pid)  # dead now: never SIGCONT a recycled pid at teardown
+        logger.info("%s: killed worker pid %d holding %d unacknowledged connections (%d bystanders)",
+                    cluster.name, pid, len(kill.clients), len(kill.bystanders))
     except BaseException:
         kill.close()
         if pid in cluster.paused:

@@ -2,9 +2,11 @@
 
 Both hold a server's resources without ever completing an exchange: a
 server that guards its memory and its patience closes them, or stops
-reading them, while it keeps serving everyone else.  Each is a context
-manager whose exit closes every socket it opened, even when the test body
-raised.
+reading them, while it keeps serving everyone else.  Each takes a ``Cluster``
+or an address, and is one call (``open``; ``fill`` for the reader) or a
+context manager whose entry does that call and whose exit closes every
+socket it opened, even when the test body raised.  Each records itself
+when it opens (see ``_record``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ..polling import POLL_INTERVAL
 from ..sockets import RESET_ERRNOS, Address
 from ..text import format_address
 from ._connect import FaultError, check_count, connect_all, connect_result, peer_closed, start_connect
-from .frames import rst_close
+from ._record import Target, logger, record, resolve
+from .frames import reset_socket
 
 
 class _Collected:
@@ -61,7 +64,7 @@ class Slowloris:
 
     def __init__(
         self,
-        address: Address,
+        target: Target,
         count: int,
         trickle_interval: Optional[float] = None,
         timeout: float = 10.0,
@@ -69,7 +72,7 @@ class Slowloris:
         partial: int = protocol.HEADER_SIZE + 1,
         frame: Optional[bytes] = None,
     ) -> None:
-        self.address = (address[0], int(address[1]))
+        self.address, self.cluster = resolve(target)
         self.count = check_count(count)
         self.frame = frame if frame is not None else _default_slow_frame()
         if not 0 <= partial < len(self.frame):
@@ -98,6 +101,8 @@ class Slowloris:
         """Connect every socket (waits until all are connected), send the partial frames, start the trickle."""
         if self.sockets:
             return self
+        record(self.cluster, "slowloris", self.address, count=self.count, partial=self.partial,
+               frame=self.frame, trickle_interval=self.trickle_interval, timeout=self.timeout)
         sockets = connect_all(self.address, self.count, self.timeout)
         try:
             for sock in sockets:
@@ -192,13 +197,14 @@ class SlowReader:
     guards its memory then stops reading it, and the client's own sends stall.
     ``fill`` sends up to ``requests`` requests until that happens.
 
-    Use as a context manager; ``close`` resets the connection (unread data
+    One call: ``open()`` then ``fill()``; as a context manager, entry opens
+    and fills, exit closes.  ``close`` resets the connection (unread data
     makes the kernel send RST anyway).
     """
 
     def __init__(
         self,
-        address: Address,
+        target: Target,
         requests: int = 1000,
         payload_size: int = 64 * 1024,
         *,
@@ -206,7 +212,8 @@ class SlowReader:
         timeout: float = 10.0,
         method: str = "ping",
     ) -> None:
-        self.address = (address[0], int(address[1]))
+        self.address, self.cluster = resolve(target)
+        self.method = method
         self.requests = check_count(requests, "requests")
         if not 0 <= payload_size <= protocol.DEFAULT_MAX_FRAME - 64:
             raise ValueError(f"payload_size must fit in one frame, got {payload_size!r}")
@@ -222,7 +229,9 @@ class SlowReader:
         self.blocked = False
 
     def __enter__(self) -> SlowReader:
-        return self.open()
+        self.open()
+        self.fill()
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
@@ -231,6 +240,8 @@ class SlowReader:
         """Connect (bounded by ``timeout``)."""
         if self.sock is not None:
             return self
+        record(self.cluster, "slow_reader", self.address, requests=self.requests, payload_size=self.payload_size,
+               rcvbuf=self.rcvbuf, method=self.method, timeout=self.timeout)
         sock, code = start_connect(self.address, rcvbuf=self.rcvbuf)
         try:
             if code not in (0, errno.EISCONN):
@@ -281,11 +292,13 @@ class SlowReader:
                 self.requests_sent += 1
             if time.monotonic() >= deadline:
                 break
+        logger.info("slow reader %s: %d bytes written, %d requests, %s", format_address(self.local_address),
+                    self.bytes_written, self.requests_sent, "stalled" if self.blocked else "not stalled")
         return self.bytes_written
 
     def close(self) -> None:
         """Close the connection with a reset (its unread responses are thrown away)."""
         if self.sock is not None:
-            rst_close(self.sock)
+            reset_socket(self.sock)
             self.sock = None
 

@@ -6,6 +6,12 @@ with RST after part of a frame.  Both count every outcome in a
 ``StormResult``.  One run of a storm keeps its selector, its connections in
 flight and its counts in a ``_StormRun``; the storm classes only say what
 each connection does.
+
+A storm takes a ``Cluster`` or an address; it is one call (``run()``) or a
+context manager whose entry runs it (``storm.result`` then holds the
+counts) and whose exit closes the connections it holds.  It records itself
+when it runs (see ``_record``).  Answers are judged by their JSON value
+(``check_response``), never by the reference server's bytes.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from fdcluster_server import protocol
 
+from ..load_result import check_response
 from ..sockets import RECV_SIZE, RESET_ERRNOS, Address, errno_kind, errno_name
-from ._connect import IN_PROGRESS, FaultError, check_count, connect_result, start_connect
-from .frames import rst_close
+from ._connect import IN_PROGRESS, check_count, connect_result, start_connect
+from ._record import Target, logger, record, resolve
+from .frames import reset_socket
 
 
 @dataclass
@@ -65,22 +73,27 @@ _CONNECTING, _SENDING, _AWAITING = "connecting", "sending", "awaiting"
 class _Pending:
     """One storm connection in flight."""
 
-    __slots__ = ("number", "sock", "state", "out", "decoder", "expected")
+    __slots__ = ("number", "sock", "state", "out", "decoder", "params", "expected")
 
-    def __init__(self, number: int, sock: socket.socket, out: bytes, expected: bytes) -> None:
+    def __init__(self, number: int, sock: socket.socket, out: bytes, params: Any, expected: bytes) -> None:
         self.number = number
         self.sock = sock
         self.state = _CONNECTING
         self.out = out
         self.decoder = protocol.FrameDecoder()
+        #: The ping's params, which the answer must echo as a JSON value.
+        self.params = params
+        #: The reference server's bytes for that answer: a fast path only, never the judge.
         self.expected = expected
 
 
 class _Storm:
     """What every storm shares: its bounds, the connections it holds, and the hooks a run calls."""
 
-    def __init__(self, address: Address, count: int, concurrency: int, timeout: float) -> None:
-        self.address = (address[0], int(address[1]))
+    name = "storm"
+
+    def __init__(self, target: Target, count: int, concurrency: int, timeout: float) -> None:
+        self.address, self.cluster = resolve(target)
         self.count = check_count(count)
         self.concurrency = check_count(concurrency, "concurrency")
         self.timeout = timeout
@@ -88,6 +101,7 @@ class _Storm:
         self.result: Optional[StormResult] = None
 
     def __enter__(self) -> _Storm:
+        self.run()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -100,8 +114,13 @@ class _Storm:
             sock.close()
 
     # What to do with each connection; the storms below override these.
-    def _payload(self, number: int) -> Tuple[bytes, bytes]:
-        return b"", b""
+    def _payload(self, number: int) -> Tuple[bytes, Any, bytes]:
+        """What connection ``number`` sends, the params its answer must echo, and the reference bytes of it."""
+        return b"", None, b""
+
+    def _parameters(self) -> Dict[str, Any]:
+        """What the storm's event records, besides its count."""
+        return {"concurrency": self.concurrency, "timeout": self.timeout}
 
     def _on_connected(self, pending: _Pending, result: StormResult) -> bool:
         """Return True when the connection is finished at connect time."""
@@ -117,14 +136,20 @@ class _Storm:
         return False
 
     def run(self) -> StormResult:
-        """Run the storm to its end (every connection finished, or ``timeout``); return the counts."""
+        """Run the storm to its end (every connection finished, or ``timeout``); return the counts.
+
+        A storm runs once: calling ``run`` again (or entering the storm after
+        running it) returns the same counts.
+        """
         if self.result is not None:
-            raise FaultError("a storm runs once; make a new one")
+            return self.result
+        record(self.cluster, self.name, self.address, count=self.count, **self._parameters())
         started = time.monotonic()
         run = _StormRun(self)
         run.until(started + self.timeout)
         run.result.seconds = time.monotonic() - started
         self.result = run.result
+        logger.info("%s", run.result)
         return run.result
 
 
@@ -172,9 +197,9 @@ class _StormRun:
     def launch(self, number: int) -> None:
         """Start connection ``number``'s connect; count it at once if the connect failed outright."""
         self.result.attempted += 1
-        out, expected = self.storm._payload(number)
+        out, params, expected = self.storm._payload(number)
         sock, code = start_connect(self.storm.address)
-        pending = _Pending(number, sock, out, expected)
+        pending = _Pending(number, sock, out, params, expected)
         if code in (0, errno.EISCONN) or code in IN_PROGRESS:
             self.in_flight[number] = pending
             self.selector.register(sock, selectors.EVENT_WRITE, pending)
@@ -247,7 +272,7 @@ class _StormRun:
             result.mismatched += 1
             self.drop(pending)
         elif bodies:
-            if bodies[0] == pending.expected:
+            if check_response(bodies[0], pending.params, "ping", pending.expected) is None:
                 result.answered += 1
                 self.done(pending, storm._keep())
             else:
@@ -260,17 +285,19 @@ class ConnectionStorm(_Storm):
 
     Runs in one thread with non-blocking sockets, so hundreds of connections
     cost no threads.  Each ping carries its connection's number and must be
-    echoed exactly.  With ``hold=True`` every answered (or, without ping,
+    echoed: the answer's JSON value, whatever its spacing.  With ``hold=True`` every answered (or, without ping,
     connected) connection stays open until ``close``, e.g. to see which
     worker holds it; otherwise each is closed as soon as it is done.
 
-    ``run()`` returns a ``StormResult``; use the storm as a context manager
-    so held connections are closed.
+    ``run()`` returns a ``StormResult``; ``with ConnectionStorm(...) as storm``
+    runs it on entry and closes held connections on exit.
     """
+
+    name = "connection_storm"
 
     def __init__(
         self,
-        address: Address,
+        target: Target,
         count: int,
         concurrency: int = 100,
         hold: bool = False,
@@ -278,19 +305,24 @@ class ConnectionStorm(_Storm):
         *,
         ping: bool = True,
     ) -> None:
-        super().__init__(address, count, concurrency, timeout)
+        super().__init__(target, count, concurrency, timeout)
         self.hold = hold
         self.ping = ping
         self._nonce = f"{os.getpid()}-{time.monotonic_ns()}"
 
     def __enter__(self) -> ConnectionStorm:
+        self.run()
         return self
 
-    def _payload(self, number: int) -> Tuple[bytes, bytes]:
+    def _parameters(self) -> Dict[str, Any]:
+        return {**super()._parameters(), "hold": self.hold, "ping": self.ping}
+
+    def _payload(self, number: int) -> Tuple[bytes, Any, bytes]:
         if not self.ping:
-            return b"", b""
+            return b"", None, b""
         params = {"storm": number, "nonce": self._nonce}
-        return protocol.request("ping", params), protocol.response(protocol.OUT_PONG, params)[protocol.HEADER_SIZE:]
+        expected = protocol.response(protocol.OUT_PONG, params)[protocol.HEADER_SIZE:]
+        return protocol.request("ping", params), params, expected
 
     def _keep(self) -> bool:
         return self.hold
@@ -304,22 +336,28 @@ class RstStorm(_Storm):
     (``aborted`` counts the resets sent).
     """
 
+    name = "rst_storm"
+
     def __init__(
         self,
-        address: Address,
+        target: Target,
         count: int,
         concurrency: int = 100,
         timeout: float = 10.0,
         *,
         partial: bool = True,
     ) -> None:
-        super().__init__(address, count, concurrency, timeout)
+        super().__init__(target, count, concurrency, timeout)
         self.partial = partial
         frame = protocol.request("ping", "rst")
         self._partial_frame = frame[: protocol.HEADER_SIZE + 2]
 
     def __enter__(self) -> RstStorm:
+        self.run()
         return self
+
+    def _parameters(self) -> Dict[str, Any]:
+        return {**super()._parameters(), "partial": self.partial}
 
     def _on_connected(self, pending: _Pending, result: StormResult) -> bool:
         if self.partial:
@@ -331,5 +369,5 @@ class RstStorm(_Storm):
         return True
 
     def _finish(self, pending: _Pending, keep: bool) -> None:
-        rst_close(pending.sock)
+        reset_socket(pending.sock)
 

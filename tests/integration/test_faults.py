@@ -7,9 +7,10 @@ reaction are bounded polls of what the kernel or the server's counters show.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import pytest
 
@@ -216,6 +217,8 @@ class TestKillDuringHandoff:
                 f"redistributed == connections: {stats['master']}")
             fdcluster.wait_for_workers(gone=[kill.frozen_pid])
         assert fdcluster.call("ping", "after") == "after"
+        assert event_names(fdcluster)[-3:] == ["kill_during_handoff", "SIGSTOP", "SIGKILL"], \
+            f"the fault, then the pause and kill it made, in the cluster's events: {fdcluster.events}"
 
     def test_a_target_without_stats_is_observed_from_outside(self, fdcluster_factory):
         command = (f"{sys.executable} -m fdcluster_server --host {{host}} --port {{port}} --workers {{workers}} "
@@ -235,3 +238,59 @@ class TestKillDuringHandoff:
             faults.kill_during_handoff(fdcluster, connections=5, timeout=3.0)
         assert not fdcluster.paused, "the frozen worker resumed after the failed fault"
         assert fdcluster.call("ping", "ok", timeout=DEADLINE) == "ok"
+
+
+def event_names(cluster: Cluster) -> List[str]:
+    return [what.split(" ")[0] for _, what in cluster.events]
+
+
+class TestOneShape:
+    """Every injector takes a Cluster, is one call or a context manager, and records itself."""
+
+    def test_every_injector_records_itself_with_its_parameters(self, fdcluster, caplog):
+        frame = protocol.request("ping", PARAMS)
+        with caplog.at_level(logging.INFO, logger="fdcluster.faults"):
+            with fdcluster.client() as client:
+                faults.send_in_pieces(client, frame, 3, delay=0.001, cluster=fdcluster)
+                faults.byte_by_byte(client, frame, cluster=fdcluster)
+                assert [client.recv_frame(), client.recv_frame()] == [pong(PARAMS)] * 2
+            faults.rst_close(fdcluster.client(), cluster=fdcluster)
+            faults.truncate_and_close(fdcluster, frame, keep=5)
+            assert faults.half_close_request(fdcluster, "ping", 1) == pong(1)
+            with faults.Slowloris(fdcluster, 3):
+                pass
+            with faults.SlowReader(fdcluster, requests=64) as reader:
+                assert reader.requests_sent > 0, "entering a slow reader fills it"
+            with faults.ConnectionStorm(fdcluster, 10, concurrency=5) as storm:
+                assert storm.result is not None and storm.result.answered == 10, "entering a storm runs it"
+            faults.RstStorm(fdcluster, 10).run()
+        expected = ["send_in_pieces", "byte_by_byte", "rst_close", "truncate_and_close", "half_close_request",
+                    "slowloris", "slow_reader", "connection_storm", "rst_storm"]
+        assert event_names(fdcluster)[-len(expected):] == expected, f"every injection recorded: {fdcluster.events}"
+        text = "\n".join(what for _, what in fdcluster.events)
+        for detail in (f"sizes=[{len(frame) // 3}", "delay=0.001", "keep=5", "count=3 partial=5",
+                       "requests=64 payload_size=65536", "count=10 concurrency=5", "hold=False", "partial=True"):
+            assert detail in text, f"{detail!r} among the recorded parameters:\n{text}"
+        logged = [r.getMessage() for r in caplog.records if r.name == "fdcluster.faults" and r.levelno == logging.INFO]
+        for name in expected:
+            assert any(f"{fdcluster.name}: {name}" in line for line in logged), f"{name} logged at INFO: {logged}"
+
+    def test_a_plain_address_is_logged_not_recorded(self, fdcluster, caplog):
+        before = list(fdcluster.events)
+        with caplog.at_level(logging.INFO, logger="fdcluster.faults"):
+            faults.truncate_and_close(fdcluster.address, protocol.request("ping", 1), keep=2)
+        assert fdcluster.events == before, "no cluster, nothing recorded in one"
+        line = f"{format_address(fdcluster.address)}: truncate_and_close frame=<28 bytes> keep=2 local=127.0.0.1:"
+        assert any(r.getMessage().startswith(line) for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+    def test_a_held_storm_as_a_context_manager(self, fdcluster):
+        with faults.ConnectionStorm(fdcluster, 12, concurrency=4, hold=True) as storm:
+            assert storm.result.answered == 12 and len(storm.held) == 12
+            assert storm.run() is storm.result, "a storm runs once: run() again returns its counts"
+            assert sum(fdcluster.connections_per_worker(storm.result.local_addresses).values()) == 12
+        assert not storm.held, "held connections closed on exit"
+        wait_clean(fdcluster, storm.result.local_addresses)
+
+    def test_anything_else_is_refused_by_name(self):
+        with pytest.raises(TypeError, match="a Cluster or a \\(host, port\\) address"):
+            faults.Slowloris("127.0.0.1", 1)

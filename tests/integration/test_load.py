@@ -2,20 +2,27 @@
 
 Most tests drive the reference server; the error kinds are provoked by a
 small misbehaving server in a thread of this process, which answers some
-pings wrongly, some with error frames and one never.
+pings wrongly, some with error frames and one never.  Another small server
+answers correctly with Python's default JSON spacing: answers are judged by
+value, never by the reference server's bytes.  A share of misbehaving
+clients (``fault=``) must never count as the load's errors.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import socket
 import threading
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Optional
 
 import pytest
 
 from fdcluster_server import protocol
+from pytest_fdcluster import faults
 from pytest_fdcluster.checks import assert_round_robin
+from pytest_fdcluster.faults.misbehaviours import MISBEHAVIOURS, choose_misbehaving
 from pytest_fdcluster.load import ERROR_KINDS, MAX_DURATION, LoadResult, check_response, run_load
 
 WORKERS = ["worker 0", "worker 1"]
@@ -180,15 +187,19 @@ class MisbehavingServer:
                 if not data:
                     return
                 for body in decoder.feed(data):
-                    _, i = protocol.parse_request(body)
-                    if i % 5 == 0:
-                        conn.sendall(protocol.response("pong", i + 1))
-                    elif i % 7 == 0:
-                        conn.sendall(protocol.error("seven"))
-                    elif i != 3:
-                        conn.sendall(protocol.response("pong", i))
+                    reply = self.reply(*protocol.parse_request(body))
+                    if reply is not None:
+                        conn.sendall(reply)
         except OSError:
             return
+
+    def reply(self, method: str, i: Any) -> Optional[bytes]:
+        """The frame answering ``method(i)``, or None to stay silent."""
+        if i % 5 == 0:
+            return protocol.response("pong", i + 1)
+        if i % 7 == 0:
+            return protocol.error("seven")
+        return None if i == 3 else protocol.response("pong", i)
 
     def close(self) -> None:
         self.stopped.set()
@@ -199,9 +210,25 @@ class MisbehavingServer:
             thread.join(5.0)
 
 
+class SpacedJsonServer(MisbehavingServer):
+    """A correct server that writes its answers with ``json.dumps``' default spacing and its own key order."""
+
+    def reply(self, method: str, params: Any) -> Optional[bytes]:
+        return protocol.encode_body(json.dumps({"result": params, "out": "pong"}).encode("utf-8"))
+
+
 @pytest.fixture
 def misbehaving() -> Iterator[MisbehavingServer]:
     server = MisbehavingServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def spaced() -> Iterator[SpacedJsonServer]:
+    server = SpacedJsonServer()
     try:
         yield server
     finally:
@@ -225,3 +252,98 @@ class TestErrorKinds:
             result = run_load(placeholder.getsockname()[:2], clients=2, requests=6, timeout=1.0)
         assert result.errors == {"refused": 6} and result.requests_ok == 0, str(result)
         assert math.isnan(result.p50)
+
+
+class TestJudgedByValue:
+    def test_spaced_json_is_a_correct_answer(self):
+        params = {"storm": 1, "nonce": "n"}
+        body = json.dumps({"out": "pong", "result": params}).encode()
+        assert body != body_of(protocol.response("pong", params)), "not the reference server's bytes"
+        assert check_response(body, params, "ping", expected_body=body_of(protocol.response("pong", params))) is None
+
+    def test_a_storm_and_a_load_against_spaced_json_report_no_mismatch(self, spaced):
+        storm = faults.ConnectionStorm(spaced.address, 100, concurrency=20).run()
+        assert storm.mismatched == 0 and storm.answered == 100, f"answers judged by JSON value: {storm}"
+        result = run_load(spaced.address, clients=2, requests=200, payload=unicode_payload)
+        assert result.requests_ok == 200 and not result.errors, f"answers judged by JSON value:\n{result}"
+
+
+class TestClusterTarget:
+    def test_a_cluster_is_its_own_address_and_is_observed(self, fdcluster, caplog):
+        with caplog.at_level(logging.INFO, logger="fdcluster"):
+            result = run_load(fdcluster, clients=4, requests=400)
+        assert result.requests_ok == 400 and not result.errors, str(result)
+        assert result.per_worker == {"worker 0": 2, "worker 1": 2}, f"spread observed without cluster=:\n{result}"
+        events = [what for _, what in fdcluster.events]
+        assert any(e.startswith("load clients=4 requests=400") for e in events), f"the run recorded: {events}"
+        assert any(e.startswith("load done ok=400 failed=0") for e in events), f"its end recorded: {events}"
+        assert any("load done ok=400" in r.getMessage() for r in caplog.records if r.name == "fdcluster.load")
+
+    def test_an_address_with_cluster_keeps_working(self, fdcluster):
+        result = run_load(fdcluster.address, clients=2, requests=20, cluster=fdcluster)
+        assert result.per_worker == {"worker 0": 1, "worker 1": 1}, str(result)
+
+    @pytest.mark.parametrize("processes", [1, 2])
+    def test_progress_is_logged_once_a_second(self, fdcluster, caplog, processes):
+        with caplog.at_level(logging.INFO, logger="fdcluster.load"):
+            result = run_load(fdcluster, clients=2, duration=2.6, processes=processes)
+        lines = [r.getMessage() for r in caplog.records if "req/s" in r.getMessage()]
+        assert 2 <= len(lines) <= 4, f"one progress line a second over {result.duration:.1f} s: {lines}"
+        assert all("requests ok" in line and "failed" in line for line in lines), lines
+
+
+def hold_two_seconds_unless_closed(sock: socket.socket) -> None:
+    """A callable fault: sends nothing, reads until the server closes or 2 s pass (module-level, for processes)."""
+    sock.settimeout(2.0)
+    try:
+        sock.recv(1)
+    except socket.timeout:
+        pass
+
+
+class TestMisbehavingShare:
+    def test_the_share_is_exact_seeded_and_never_everyone(self):
+        assert choose_misbehaving(10, 0.2, seed=3) == choose_misbehaving(10, 0.2, seed=3)
+        assert len(choose_misbehaving(10, 0.2, seed=3)) == 2
+        assert len(choose_misbehaving(4, 0.01)) == 1, "a fault asked for is injected at least once"
+        assert len(choose_misbehaving(4, 0.99)) == 3, "at least one client is measured"
+        assert {tuple(choose_misbehaving(20, 0.25, seed)) for seed in range(5)} != {tuple(choose_misbehaving(20, 0.25))}
+
+    @pytest.mark.parametrize("kwargs, message", [
+        ({"fault": "teleport"}, "fault must be one of"),
+        ({"fault": 42}, "fault must be one of"),
+        ({"fault": "rst", "fraction": 0}, "fraction must be within"),
+        ({"fault": "rst", "fraction": 1.0}, "fraction must be within"),
+        ({"fault": "rst", "clients": 1}, "at least 2 clients"),
+    ])
+    def test_bad_faults_are_rejected(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            run_load(("127.0.0.1", 9), requests=1, **kwargs)
+
+    @pytest.mark.parametrize("fault", MISBEHAVIOURS)
+    def test_misbehaving_connections_are_not_the_loads_errors(self, fdcluster, fault):
+        result = run_load(fdcluster, clients=10, requests=800, fault=fault, fraction=0.2, seed=3)
+        bad = result.misbehaving
+        assert bad is not None and bad.clients == choose_misbehaving(10, 0.2, 3) and bad.fault == fault
+        assert bad.connections >= 2, f"each misbehaving client opened a connection:\n{result}"
+        assert result.requests_ok == 800 and not result.errors, f"the measured clients saw no error:\n{result}"
+        assert result.histogram.count == 800
+        assert result.connections == 8 and sum(result.per_worker.values()) == 8, \
+            f"only the measured connections are placed on workers:\n{result}"
+        assert f"misbehaving  2 clients {bad.clients} ({fault}" in str(result)
+        events = [what for _, what in fdcluster.events]
+        assert any(f"fault='{fault}' fraction=0.2 seed=3" in e for e in events), f"the fault recorded: {events}"
+
+    @pytest.mark.fdcluster(idle_timeout=0.3)
+    def test_the_server_closing_held_connections_is_counted(self, fdcluster):
+        result = run_load(fdcluster, clients=4, duration=1.5, fault="slowloris", fraction=0.25)
+        bad = result.misbehaving
+        assert bad is not None and bad.closed_by_server >= 1, f"the idle timeout closed a slowloris:\n{result}"
+        assert result.requests_ok > 0 and not result.errors, str(result)
+
+    def test_a_callable_fault_in_spawned_processes(self, fdcluster):
+        result = run_load(fdcluster, clients=4, requests=400, processes=2, fault=hold_two_seconds_unless_closed,
+                          fraction=0.5, seed=1)
+        assert result.requests_ok == 400 and not result.errors, str(result)
+        assert result.misbehaving.connections >= 2 and "hold_two_seconds_unless_closed" in result.misbehaving.fault
+        assert sum(result.per_worker.values()) == 2, str(result)
