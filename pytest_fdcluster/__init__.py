@@ -3,8 +3,8 @@
 The public API, for users' own scenarios: the fixtures ``fdcluster``,
 ``fdcluster_factory``, ``fdcluster_payloads`` and the ``fdcluster`` marker
 (from the plugin), plus what this package exports below: the cluster and its
-client, the fault injectors (``faults``), the load generator (``load``) and the
-assertions.  Everything else is internal.
+client, the fault injectors (``faults``), the load generator (``load``), what
+processes consume (``resources``) and the assertions.  Everything else is internal.
 """
 
 from .checks import (
@@ -25,7 +25,7 @@ from .cluster import Cluster, ClusterError, process_alive, wait_until
 from .observe import Snapshot, snapshot
 from fdcluster_server import protocol  # the one framing implementation, for frames built by hand
 
-from . import faults, load  # noqa: E402  (they build on the names above)
+from . import faults, load, resources  # noqa: E402  (they build on the names above)
 
 __version__ = "0.1.0"
 
@@ -33,5 +33,5 @@ __all__ = [
     "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ConnectionClosed",
     "FairnessError", "FdLeakError", "RemoteError", "Snapshot", "assert_fair", "assert_master_holds_no_clients",
     "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
-    "faults", "format_distribution", "load", "process_alive", "protocol", "snapshot", "wait_until",
+    "faults", "format_distribution", "load", "process_alive", "protocol", "resources", "snapshot", "wait_until",
 ]
