@@ -40,6 +40,7 @@ __all__ = [
     "holders",
     "lowest_free_fd",
     "nofile_limit",
+    "not_held_by_one_worker",
     "open_fds",
     "rss",
 ]
@@ -225,3 +226,19 @@ def describe_holders(views: List[ProcessView]) -> str:
         return "nobody"
     names = [f"{view.label} pid {view.pid}" for view in views]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def not_held_by_one_worker(
+    snap: Snapshot, client_addresses: Iterable[Tuple[str, int]]
+) -> Dict[Tuple[str, int], List[ProcessView]]:
+    """The connections among ``client_addresses`` not held by exactly one worker, each with its holders.
+
+    A worker is any process of the tree but the master; an empty result
+    means every connection is held by one worker and by nobody else.
+    """
+    wrong = {}
+    for address in client_addresses:
+        found = holders(snap, address)
+        if len(found) != 1 or found[0].pid == snap.master_pid:
+            wrong[tuple(address[:2])] = found
+    return wrong  # type: ignore[return-value]
