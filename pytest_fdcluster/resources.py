@@ -34,6 +34,7 @@ from .text import format_address
 __all__ = [
     "ProcessGone",
     "Unobservable",
+    "cpu_over",
     "cpu_seconds",
     "cpu_window",
     "describe_holders",
@@ -110,6 +111,21 @@ def cpu_window(pids: Iterable[int], seconds: float = 1.0) -> Dict[int, float]:
         if not _alive(pid):
             raise ProcessGone(f"pid {pid} exited during the {seconds:g} s CPU window")
     return {pid: max(0.0, after[pid] - before[pid]) / elapsed for pid in pids}
+
+
+def cpu_over(
+    shares: Dict[int, float], baseline: Dict[int, float], floor: float = 0.05, factor: float = 3.0
+) -> Dict[int, Tuple[float, float]]:
+    """The processes of ``shares`` above ``max(floor, factor x baseline share)``, each with (share, bound).
+
+    A process missing from ``baseline`` (a worker started since) is held to ``floor``.
+    """
+    over = {}
+    for pid, share in shares.items():
+        bound = max(floor, factor * baseline.get(pid, 0.0))
+        if share > bound:
+            over[pid] = (share, bound)
+    return over
 
 
 def _alive(pid: int) -> bool:

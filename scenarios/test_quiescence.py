@@ -55,12 +55,9 @@ def assert_quiet(cluster, baseline, what):
     """quiescence: every process of the cluster under its bound over one ``WINDOW``."""
     shares = cpu_shares(cluster, WINDOW, what)
     labels = cluster.labels()
-    loud = []
-    for pid, share in shares.items():
-        bound = max(FLOOR, FACTOR * baseline.get(pid, 0.0))
-        if share > bound:
-            loud.append(f"{labels.get(pid, 'process')} pid {pid} used {share:.0%} of a core "
-                        f"(bound {bound:.0%}, idle baseline {baseline.get(pid, 0.0):.1%})")
+    loud = [f"{labels.get(pid, 'process')} pid {pid} used {share:.0%} of a core "
+            f"(bound {bound:.0%}, idle baseline {baseline.get(pid, 0.0):.1%})"
+            for pid, (share, bound) in resources.cpu_over(shares, baseline, FLOOR, FACTOR).items()]
     assert not loud, f"quiescence: over {WINDOW:g} s with {what}: " + "; ".join(loud)
 
 
