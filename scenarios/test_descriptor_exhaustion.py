@@ -29,8 +29,8 @@ import pytest
 
 from pytest_fdcluster import ClientTimeout, ClusterError, process_alive, resources, wait_until
 
-WINDOW = 1.0
-BASELINE_WINDOW = 0.5
+WINDOW = 0.5
+BASELINE_WINDOW = 0.3
 FLOOR = 0.05
 FACTOR = 3.0
 ANSWER_TIMEOUT = 5.0

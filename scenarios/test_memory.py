@@ -108,7 +108,7 @@ def test_never_reading_client(fdcluster):
             elif time.monotonic() - progress > STALLED:
                 break  # the server stopped reading it for good: what a bounded server does
         # Whatever the server read is processed by now, or it is still reading: sample a little longer.
-        watch_until = time.monotonic() + 0.5
+        watch_until = time.monotonic() + 0.3
         while time.monotonic() < watch_until:
             peaks.update()
             time.sleep(SAMPLE_EVERY)  # sampling pace, not synchronisation

@@ -30,7 +30,7 @@ SETTLE = 3.0
 ANSWER_TIMEOUT = 5.0
 RESPAWN_TIMEOUT = 10.0
 #: How long clients of a frozen worker's share are given to be answered by others before they count as waiting.
-WAITING_AFTER = 1.5
+WAITING_AFTER = 0.6
 SHOWN = 5
 
 

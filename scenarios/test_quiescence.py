@@ -27,13 +27,13 @@ import pytest
 
 from pytest_fdcluster import ClientTimeout, ClusterError, faults, resources, wait_until
 
-WINDOW = 1.0
-BASELINE_WINDOW = 0.5
+WINDOW = 0.5
+BASELINE_WINDOW = 0.3
 FLOOR = 0.05  # of one core
 FACTOR = 3.0
 SETTLE = 5.0
 #: How long the frozen worker's share is given to be answered by others before it counts as waiting.
-WAITING_AFTER = 1.5
+WAITING_AFTER = 0.6
 
 
 def cluster_pids(cluster):
