@@ -128,6 +128,12 @@ class TestCpu:
         assert issubclass(resources.Unobservable, AssertionError), "an unobservable check must fail, not error"
 
 
+    def test_cpu_over_holds_each_process_to_its_own_bound(self):
+        shares = {1: 0.04, 2: 0.20, 3: 0.20, 4: 0.06}
+        baseline = {1: 0.0, 2: 0.10, 3: 0.01}  # pid 4 is new: held to the floor
+        assert resources.cpu_over(shares, baseline, floor=0.05, factor=3.0) == {3: (0.20, 0.05), 4: (0.06, 0.05)}
+
+
 class TestMemory:
     def test_rss_of_a_live_process(self, spawn):
         child = spawn(SLEEPER)
@@ -175,6 +181,23 @@ class TestHolders:
             assert resources.describe_holders(found) == f"master pid {parent.pid} and worker 0 pid {forked}"
             assert resources.holders(snap, ("127.0.0.1", 1)) == []
             assert resources.describe_holders([]) == "nobody"
+            address = client.getsockname()[:2]
+            wrong = resources.not_held_by_one_worker(snap, [address])
+            assert [view.pid for view in wrong[address]] == [parent.pid, forked]
+
+    def test_one_worker_alone_is_the_only_right_holding(self):
+        peer = ("127.0.0.1", 40000)
+        conn = observe.FdInfo(7, "tcp", "socket:[1]", False, ("127.0.0.1", 5000), peer, "ESTABLISHED")
+        mapped = observe.FdInfo(8, "tcp6", "socket:[2]", False, ("::ffff:127.0.0.1", 5000),
+                                ("::ffff:127.0.0.1", 40001), "ESTABLISHED")
+        master = observe.ProcessView(100, 1, "master", "server", {})
+        worker = observe.ProcessView(101, 100, "worker 0", "server", {7: conn, 8: mapped})
+        snap = observe.Snapshot(100, {100: master, 101: worker})
+        assert resources.not_held_by_one_worker(snap, [peer, ("127.0.0.1", 40001)]) == {}
+        held_by_master = observe.Snapshot(100, {100: observe.ProcessView(100, 1, "master", "server", {7: conn}),
+                                                101: observe.ProcessView(101, 100, "worker 0", "server", {})})
+        assert [v.label for v in resources.not_held_by_one_worker(held_by_master, [peer])[peer]] == ["master"]
+        assert [v.label for v in resources.not_held_by_one_worker(snap, [("127.0.0.1", 1)])[("127.0.0.1", 1)]] == []
 
     def test_unreadable_descriptors_fail_the_check(self):
         hidden = observe.ProcessView(4242, 1, "worker 0", "server", {}, fds_visible=False)
