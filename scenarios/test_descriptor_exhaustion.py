@@ -22,6 +22,7 @@ fails.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import psutil
@@ -57,10 +58,16 @@ def assert_no_spin(cluster, baseline, what):
     assert not loud, f"descriptor exhaustion: over {WINDOW:g} s {what}: " + "; ".join(loud)
 
 
-def limited(pid):
-    """The process's soft RLIMIT_NOFILE at its lowest free descriptor number, restored on exit."""
-    lowest = resources.lowest_free_fd(pid)
-    return lowest, resources.nofile_limit(pid, lowest)
+@contextlib.contextmanager
+def at_lowest_free_fd(pid):
+    """The process's soft RLIMIT_NOFILE at its lowest free descriptor number (yielded), restored on exit."""
+    with contextlib.ExitStack() as stack:
+        try:
+            lowest = resources.lowest_free_fd(pid)
+            stack.enter_context(resources.nofile_limit(pid, lowest))
+        except resources.Unobservable as exc:
+            pytest.fail(f"descriptor exhaustion: {exc}")
+        yield lowest
 
 
 def send_pings(cluster, count):
@@ -92,10 +99,9 @@ def close_all(clients):
 
 def test_master_at_its_limit_does_not_spin(fdcluster):
     baseline = cpu_shares(fdcluster, [fdcluster.master] + fdcluster.workers, BASELINE_WINDOW, "of the idle cluster")
-    lowest, limit = limited(fdcluster.master)
     clients = []
     try:
-        with limit:
+        with at_lowest_free_fd(fdcluster.master) as lowest:
             clients = send_pings(fdcluster, 2 * len(fdcluster.workers))
             assert_no_spin(fdcluster, baseline, f"with the master at RLIMIT_NOFILE {lowest} and {len(clients)} "
                                                 f"clients waiting to be accepted")
@@ -105,8 +111,7 @@ def test_master_at_its_limit_does_not_spin(fdcluster):
 
 
 def test_master_at_its_limit_survives_a_worker_death(fdcluster):
-    lowest, limit = limited(fdcluster.master)
-    with limit:
+    with at_lowest_free_fd(fdcluster.master) as lowest:
         victim = fdcluster.kill_worker(0)
         try:
             # Reaped: the master saw the death and tried to replace the worker (socketpair, fork).
@@ -127,10 +132,9 @@ def test_master_at_its_limit_survives_a_worker_death(fdcluster):
 
 
 def test_master_serves_waiting_clients_once_its_limit_is_restored(fdcluster):
-    lowest, limit = limited(fdcluster.master)
     clients = []
     try:
-        with limit:
+        with at_lowest_free_fd(fdcluster.master) as lowest:
             clients = send_pings(fdcluster, 2 * len(fdcluster.workers))
             # Nothing can be accepted now; the window only lets the master meet its limit.
             assert unanswered(clients[:1], 0.5), (
@@ -148,10 +152,9 @@ def test_master_serves_waiting_clients_once_its_limit_is_restored(fdcluster):
 def test_worker_at_its_limit_loses_no_handoff(fdcluster):
     baseline = cpu_shares(fdcluster, [fdcluster.master] + fdcluster.workers, BASELINE_WINDOW, "of the idle cluster")
     worker = fdcluster.workers[0]
-    lowest, limit = limited(worker)
     clients = []
     try:
-        with limit:
+        with at_lowest_free_fd(worker) as lowest:
             clients = send_pings(fdcluster, 4 * len(fdcluster.workers))
             missing = unanswered(clients, ANSWER_TIMEOUT)
             assert not missing, (

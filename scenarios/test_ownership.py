@@ -51,6 +51,8 @@ def assert_exactly_one_holder(cluster, addresses, after):
         wait_until(settled, SETTLE, lambda: "every answered connection to be held by one worker")
     except ClusterError:
         pass  # judged below, each connection with its holders
+    except resources.Unobservable as exc:
+        pytest.fail(f"exactly one holder: {exc}")
     lines = [f"{address_text(a)} is held by {resources.describe_holders(views)}; expected one worker"
              for a, views in list(wrong.items())[:SHOWN]]
     more = f"; ... and {len(wrong) - SHOWN} more" if len(wrong) > SHOWN else ""
@@ -135,7 +137,10 @@ def test_one_holder_while_a_worker_is_frozen(fdcluster):
         snap = fdcluster.snapshot()
         doubled = {}
         for client in waiting:
-            views = resources.holders(snap, client.local_address)
+            try:
+                views = resources.holders(snap, client.local_address)
+            except resources.Unobservable as exc:
+                pytest.fail(f"exactly one holder: {exc}")
             if len([v for v in views if v.pid != snap.master_pid]) > 1:
                 doubled[client.local_address] = views
         assert not doubled, "exactly one holder: " + "; ".join(

@@ -66,7 +66,7 @@ def settle_on_workers(cluster, addresses, what):
     try:
         wait_until(lambda: not resources.not_held_by_one_worker(cluster.snapshot(), addresses), SETTLE,
                    lambda: f"the {what} to be held by the workers")
-    except ClusterError as exc:
+    except (ClusterError, resources.Unobservable) as exc:
         pytest.fail(f"quiescence: the fault could not be set up: {exc}")
 
 
