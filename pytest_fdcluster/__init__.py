@@ -3,13 +3,15 @@
 The public API, for users' own scenarios: the fixtures ``fdcluster``,
 ``fdcluster_factory``, ``fdcluster_payloads`` and the ``fdcluster`` marker
 (from the plugin), plus what this package exports below: the cluster and its
-client, the fault injectors (``faults``), the load generator (``load``) and the
-assertions.  Everything else is internal.
+client, the fault injectors (``faults``), the load generator (``load``), what
+processes consume (``resources``), what a target declares (``Capabilities``,
+``require``) and the assertions.  Everything else is internal.
 """
 
 from fdcluster_server import protocol  # the one framing implementation, for frames built by hand
 
-from . import faults, load  # noqa: E402  (they build on the names above)
+from . import faults, load, resources
+from .capabilities import Capabilities, CapabilityMissing, require
 from .checks import (
     CheckFailed,
     FairnessError,
@@ -30,8 +32,9 @@ from .observe import Snapshot, snapshot
 __version__ = "0.1.0"
 
 __all__ = [
+    "Capabilities", "CapabilityMissing", "require",
     "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ConnectionClosed",
     "FairnessError", "FdLeakError", "RemoteError", "Snapshot", "assert_fair", "assert_master_holds_no_clients",
     "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
-    "faults", "format_distribution", "load", "process_alive", "protocol", "snapshot", "wait_until",
+    "faults", "format_distribution", "load", "process_alive", "protocol", "resources", "snapshot", "wait_until",
 ]

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_fdcluster import ClusterError, assert_fair, assert_round_robin, fairness, load, wait_until
-from pytest_fdcluster.capabilities import require
+from pytest_fdcluster import ClusterError, assert_fair, assert_round_robin, fairness, load, require, wait_until
 
 PER_WORKER = 4
 ANSWER_TIMEOUT = 5.0

@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from pytest_fdcluster import ClusterError, assert_no_close_wait, faults, wait_until
-from pytest_fdcluster.capabilities import require
+from pytest_fdcluster import ClusterError, assert_no_close_wait, faults, require, wait_until
 
 SAMPLES = 150
 LATENCY_FACTOR = 4.0
