@@ -23,8 +23,11 @@
  * - back-pressure: a client that does not read is not read past 1 MiB of pending output and is
  *   closed after --write-timeout (10 s);
  * - workers die with the primary (the IPC channel's disconnect);
- * - EMFILE in the primary: libuv sheds the backlog with its reserve descriptor (no spin); the error
- *   is logged, accepting goes on.
+ * - EMFILE in a worker: the descriptor does not arrive (Node's NODE_HANDLE_NACK); the primary still
+ *   holds the socket, skips that worker for a back-off (50 ms doubling to 1 s) and hands it on;
+ * - EMFILE in the primary: libuv sheds the backlog with its reserve descriptor (no spin, but those
+ *   clients are reset: Node cannot pause accepting); the error is logged, accepting goes on.  Node
+ *   raises its own soft descriptor limit to the hard one at start-up, so this needs a low hard limit.
  *
  * No npm dependencies.  Logs go to stderr; stdout carries only the ready line.
  */
@@ -43,6 +46,7 @@ const RESPAWN_BACKOFF_MAX_MS = 5000;
 const ACCEPT_FLUSH_MS = 50;
 const LINGER_MS = 1000;
 const DRAIN_QUIET_MS = 50;
+const FULL_BACKOFF_MS = [50, 1000]; // a worker that could not take a descriptor is skipped this long, doubling
 const EXIT_USAGE = 2;
 const EXIT_LISTEN_FAILED = 1;
 const READY_TAG = 'fdcluster-ready';
@@ -127,10 +131,34 @@ function runPrimary(opt) {
 
   function spawnWorker(index) {
     const worker = cluster.fork();
-    const rec = { index, worker, ready: false, draining: false, retired: false, startedAt: Date.now(), inflight: new Map() };
+    const rec = {
+      index, worker, ready: false, draining: false, retired: false, startedAt: Date.now(),
+      inflight: new Map(), // handoff id -> our copy of the socket, until the worker acknowledges it
+      delivering: [], // handoff ids in send order, until Node's own NODE_HANDLE_ACK / NACK for each
+      fullUntil: 0, fullBackoff: FULL_BACKOFF_MS[0],
+    };
     slots[index] = rec;
     worker.on('error', () => {}); // a send to a dying worker: its disconnect gives the sockets back
     worker.on('message', (msg) => onMessage(rec, msg));
+    // Node passes handles one at a time and the receiver answers each with NODE_HANDLE_ACK, or NACK when
+    // the descriptor did not arrive (MSG_CTRUNC: the worker is out of descriptors).  With keepOpen Node
+    // neither retries nor reports a NACK, so the socket would wait for an acknowledgement forever.
+    worker.process.on('internalMessage', (msg) => {
+      if (!msg || (msg.cmd !== 'NODE_HANDLE_ACK' && msg.cmd !== 'NODE_HANDLE_NACK')) return;
+      const id = rec.delivering.shift();
+      if (msg.cmd === 'NODE_HANDLE_ACK') {
+        rec.fullBackoff = FULL_BACKOFF_MS[0];
+        return;
+      }
+      const socket = rec.inflight.get(id);
+      rec.inflight.delete(id);
+      if (socket) queue.unshift(socket);
+      rec.fullUntil = Date.now() + rec.fullBackoff;
+      rec.fullBackoff = Math.min(rec.fullBackoff * 2, FULL_BACKOFF_MS[1]);
+      log(`worker ${worker.process.pid} could not take a socket (out of descriptors?); handing it to another`);
+      setTimeout(distribute, rec.fullUntil - Date.now() + 1);
+      distribute();
+    });
     worker.on('disconnect', () => retire(rec));
     worker.on('exit', (code, signal) => {
       log(`worker ${worker.process.pid} exited (${signal || `exit code ${code}`})`);
@@ -193,7 +221,7 @@ function runPrimary(opt) {
   function pick() {
     for (let tried = 0; tried < slots.length; tried++) {
       const rec = slots[turn];
-      if (rec && rec.ready && !rec.draining && rec.inflight.size < HANDOFF_WINDOW) {
+      if (rec && rec.ready && !rec.draining && rec.inflight.size < HANDOFF_WINDOW && rec.fullUntil <= Date.now()) {
         turn = (turn + 1) % slots.length;
         return rec;
       }
@@ -216,10 +244,12 @@ function runPrimary(opt) {
       if (socket.destroyed) continue;
       const id = ++nextId;
       rec.inflight.set(id, socket);
+      rec.delivering.push(id);
       rec.worker.send({ type: MSG.CONN, id }, socket, { keepOpen: true }, (err) => {
         // A failed send with the worker still connected: take the socket back now.
         if (err && !rec.retired && rec.inflight.get(id) === socket) {
           rec.inflight.delete(id);
+          rec.delivering = rec.delivering.filter((other) => other !== id);
           queue.unshift(socket);
           setImmediate(distribute);
         }

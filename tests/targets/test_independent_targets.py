@@ -96,15 +96,16 @@ class Target:
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
-            self.command = COMMANDS[name] + ["--port", str(port), "--workers", str(WORKERS), "--grace", str(GRACE)] + extra
+            flags = ["--port", str(port), "--workers", str(WORKERS), "--grace", str(GRACE)]
+            self.command = COMMANDS[name] + flags + extra
             if self._start():
                 return
         raise AssertionError(f"{name}: no free port after {PORT_ATTEMPTS} attempts")
 
     def _start(self) -> bool:
         """True once ready; False if the port was taken meanwhile (the caller picks another)."""
-        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         with selectors.DefaultSelector() as selector:
             selector.register(self.proc.stdout, selectors.EVENT_READ)
@@ -220,7 +221,8 @@ class TestProtocol:
         conn = target.connect()
         assert conn.call("ping", params) == {"out": "pong", "result": params}
         if target.name == "asyncio":
-            assert b'{"out": "pong", "result": ' in conn.last_raw, f"asyncio: not default json.dumps spacing: {conn.last_raw!r}"
+            assert b'{"out": "pong", "result": ' in conn.last_raw, (
+                f"asyncio: not default json.dumps spacing: {conn.last_raw!r}")
 
     def test_pipelining_100_frames_in_one_send(self, target: Target) -> None:
         conn = target.connect()
@@ -317,7 +319,8 @@ class TestSupervision:
         assert conn.recv() == {"out": "pong", "result": "in flight"}, f"{target.name}: request sent before SIGTERM lost"
         assert target.proc is not None
         status = target.proc.wait(GRACE + 5)
-        assert status == 0, f"{target.name}: master exited {status} after SIGTERM; stderr {target.proc.stderr.read()[-1000:]!r}"
+        assert status == 0, (
+            f"{target.name}: master exited {status} after SIGTERM; stderr {target.proc.stderr.read()[-1000:]!r}")
         try:
             assert conn.sock.recv(1) == b"", f"{target.name}: connection not closed at shutdown"
         except ConnectionResetError:
@@ -328,6 +331,42 @@ class TestSupervision:
         os.kill(target.pid, signal.SIGKILL)
         wait_until(lambda: not [pid for pid in workers if _alive(pid)], 5.0,
                    lambda: f"{target.name}: workers {workers} to die with their SIGKILLed master")
+
+
+class TestDescriptorExhaustion:
+    WORKER_FDS = 64
+    CLIENTS = 150
+    KEPT = 30
+
+    def test_emfile_in_workers_no_spin_no_loss(self, target: Target) -> None:
+        """Workers capped at 64 descriptors: no CPU spin, nothing lost, service resumes once clients leave."""
+        workers = target.workers()
+        for pid in workers:
+            psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE, (self.WORKER_FDS, self.WORKER_FDS))
+        socks = []
+        for i in range(self.CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", target.port), timeout=ANSWER_TIMEOUT)
+            sock.sendall(request("ping", i))
+            socks.append(sock)
+        try:
+            wait_until(lambda: all(psutil.Process(pid).num_fds() >= self.WORKER_FDS - 2 for pid in workers), 10.0,
+                       lambda: f"{target.name}: workers {workers} to reach their descriptor limit")
+            tree = [psutil.Process(pid) for pid in [target.pid] + workers]
+            before = [sum(p.cpu_times()[:2]) for p in tree]
+            time.sleep(1.0)  # a measurement window, not synchronisation
+            spent = [round(sum(p.cpu_times()[:2]) - b, 3) for p, b in zip(tree, before)]
+            assert max(spent) < 0.3, f"{target.name}: CPU seconds in 1 s at EMFILE (master, workers...): {spent}"
+            for sock in socks[:-self.KEPT]:
+                sock.close()
+            for i, sock in enumerate(socks[-self.KEPT:], self.CLIENTS - self.KEPT):
+                sock.settimeout(10.0)
+                (length,) = HEADER.unpack(sock.recv(HEADER.size, socket.MSG_WAITALL))
+                assert json.loads(sock.recv(length, socket.MSG_WAITALL)) == {"out": "pong", "result": i}, (
+                    f"{target.name}: client {i}, waiting while the workers were out of descriptors")
+        finally:
+            for sock in socks:
+                sock.close()
+        assert target.workers() == workers, f"{target.name}: workers {workers} -> {target.workers()} at EMFILE"
 
 
 def _alive(pid: int) -> bool:
