@@ -319,8 +319,8 @@ class TestSupervision:
         assert conn.recv() == {"out": "pong", "result": "in flight"}, f"{target.name}: request sent before SIGTERM lost"
         assert target.proc is not None
         status = target.proc.wait(GRACE + 5)
-        assert status == 0, (
-            f"{target.name}: master exited {status} after SIGTERM; stderr {target.proc.stderr.read()[-1000:]!r}")
+        stderr = target.proc.stderr.read() if target.proc.stderr is not None else ""
+        assert status == 0, f"{target.name}: master exited {status} after SIGTERM; stderr {stderr[-1000:]!r}"
         try:
             assert conn.sock.recv(1) == b"", f"{target.name}: connection not closed at shutdown"
         except ConnectionResetError:
