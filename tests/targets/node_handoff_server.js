@@ -15,7 +15,8 @@
  *
  * Declared capabilities:
  * - strategy: round-robin handoff over worker slots; a slot whose worker is still starting keeps
- *   its turn (up to 3 s), a worker with 4 unacknowledged handoffs (e.g. frozen) is skipped;
+ *   its turn (up to 3 s); a worker with 4 unacknowledged handoffs keeps its turn 200 ms, then is
+ *   skipped until it acknowledges one (a frozen worker gets no more than those 4);
  * - respawns dead workers: yes, with a bounded back-off for crash loops (0.2 s doubling to 5 s);
  * - drains on SIGTERM (primary or worker) and SIGINT: yes, within --grace (5 s), exit 0;
  * - idle timeout: --idle-timeout (30 s; 0 = off): no complete frame for that long closes the connection;
@@ -41,6 +42,7 @@ const HIGH_WATER = 1 << 20;
 const HANDOFF_WINDOW = 4;
 const MAX_DEPTH = 512;
 const STARTING_TURN_MS = 3000;
+const STALLED_TURN_MS = 200;
 const CRASH_WINDOW_MS = 1000;
 const RESPAWN_BACKOFF_MAX_MS = 5000;
 const ACCEPT_FLUSH_MS = 50;
@@ -114,7 +116,7 @@ function runPrimary(opt) {
   let stopping = false;
   let serverClosed = false;
   let workersTold = false;
-  let holdTimer = null;
+  let holdTimer;
 
   const server = net.createServer({ pauseOnConnect: true }, (socket) => {
     socket.on('error', () => {}); // a reset while queued: the worker that gets it sees the error
@@ -135,7 +137,7 @@ function runPrimary(opt) {
       index, worker, ready: false, draining: false, retired: false, startedAt: Date.now(),
       inflight: new Map(), // handoff id -> our copy of the socket, until the worker acknowledges it
       delivering: [], // handoff ids in send order, until Node's own NODE_HANDLE_ACK / NACK for each
-      fullUntil: 0, fullBackoff: FULL_BACKOFF_MS[0],
+      fullUntil: 0, fullBackoff: FULL_BACKOFF_MS[0], stalledSince: 0,
     };
     slots[index] = rec;
     worker.on('error', () => {}); // a send to a dying worker: its disconnect gives the sockets back
@@ -172,6 +174,7 @@ function runPrimary(opt) {
       rec.ready = true;
       announce();
     } else if (msg.type === MSG.ACK) {
+      rec.stalledSince = 0;
       const socket = rec.inflight.get(msg.id);
       rec.inflight.delete(msg.id);
       // destroy() closes our descriptor only: the worker's copy keeps the connection open, no FIN.
@@ -219,21 +222,30 @@ function runPrimary(opt) {
 
   /** The next worker in turn, or null when the head of the queue must wait (an ack, a start, a respawn). */
   function pick() {
+    const now = Date.now();
     for (let tried = 0; tried < slots.length; tried++) {
       const rec = slots[turn];
-      if (rec && rec.ready && !rec.draining && rec.inflight.size < HANDOFF_WINDOW && rec.fullUntil <= Date.now()) {
-        turn = (turn + 1) % slots.length;
-        return rec;
+      let left = 0; // how much longer this turn is held for its worker
+      if (rec && rec.ready && !rec.draining && rec.fullUntil <= now) {
+        if (rec.inflight.size < HANDOFF_WINDOW) {
+          rec.stalledSince = 0;
+          turn = (turn + 1) % slots.length;
+          return rec;
+        }
+        // A busy worker keeps its turn a little (fairness); a frozen one is skipped once that expires.
+        if (!rec.stalledSince) rec.stalledSince = now;
+        left = STALLED_TURN_MS - (now - rec.stalledSince);
+      } else if (rec && !rec.ready) {
+        left = STARTING_TURN_MS - (now - rec.startedAt); // so a respawned worker gets its share
       }
-      const left = rec && !rec.ready ? STARTING_TURN_MS - (Date.now() - rec.startedAt) : 0;
       if (left > 0 && !stopping) {
-        // A worker still starting keeps its turn, so a respawned worker gets its share.
-        if (!holdTimer) holdTimer = setTimeout(() => { holdTimer = null; distribute(); }, left);
+        clearTimeout(holdTimer);
+        holdTimer = setTimeout(distribute, left);
         return null;
       }
       turn = (turn + 1) % slots.length;
     }
-    return null; // every worker is dead, draining or has a full window
+    return null; // every worker is dead, draining, out of descriptors or stalled past its turn
   }
 
   function distribute() {
