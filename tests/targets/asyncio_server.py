@@ -438,18 +438,19 @@ class Master:
     def reap_workers(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                dead = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
+                return  # no children at all
+            if dead is None or dead.si_pid == 0:
+                return  # children, none of them dead
+            pid = dead.si_pid
             self.serving.discard(pid)
             lived = time.monotonic() - self.started.pop(pid, 0.0)
             if pid not in self.slots:
                 continue
             index = self.slots.index(pid)
             self.slots[index] = None
-            print(f"asyncio_server: worker {pid} exited ({describe_status(status)})", file=sys.stderr)
+            print(f"asyncio_server: worker {pid} exited ({describe_death(dead)})", file=sys.stderr)
             self.crashes[index] = self.crashes[index] + 1 if lived < CRASH_WINDOW else 0
             delay = 0.0 if not self.crashes[index] else min(0.1 * 2 ** self.crashes[index], RESPAWN_BACKOFF_MAX)
             self.respawn_at[index] = time.monotonic() + delay
@@ -470,10 +471,11 @@ class Master:
                     pass  # already dead: reaped on the next turn
 
 
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return signal.Signals(os.WTERMSIG(status)).name
-    return f"exit code {os.waitstatus_to_exitcode(status)}"
+def describe_death(dead: Any) -> str:
+    """A waitid result as a signal name or an exit code."""
+    if dead.si_code == os.CLD_EXITED:
+        return f"exit code {dead.si_status}"
+    return signal.Signals(dead.si_status).name
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -361,11 +361,13 @@ function checkRequestText(text) {
   }
 }
 
+/** Length prefix and UTF-8 JSON in one buffer, written once (no concatenation copy). */
 function encodeFrame(message) {
-  const body = Buffer.from(JSON.stringify(message), 'utf8');
-  const header = Buffer.allocUnsafe(HEADER_SIZE);
-  header.writeUInt32LE(body.length, 0);
-  return Buffer.concat([header, body]);
+  const text = JSON.stringify(message);
+  const frame = Buffer.allocUnsafe(HEADER_SIZE + Buffer.byteLength(text, 'utf8'));
+  frame.writeUInt32LE(frame.length - HEADER_SIZE, 0);
+  frame.write(text, HEADER_SIZE, 'utf8');
+  return frame;
 }
 
 /** The response frame for one request body; never throws. */
