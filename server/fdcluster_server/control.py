@@ -12,6 +12,7 @@ dying worker delays the answer but never blocks it.
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import socket
@@ -20,6 +21,8 @@ import time
 from typing import Any, Dict, List, Optional, Protocol, Set
 
 from . import protocol
+
+log = logging.getLogger("fdcluster.master")
 
 STATS_TIMEOUT = 1.0  # how long a stats query waits for a paused or dying worker
 MAX_REQUEST = 64 * 1024  # a control request's largest frame
@@ -118,7 +121,17 @@ class ControlServer:
             return
         sock.setblocking(False)
         client = ControlClient(sock)
-        self.selector.register(sock, _READ, lambda m, c=client: self.read(c))
+        self.selector.register(sock, _READ, lambda m, c=client: self.serve(c))
+
+    def serve(self, client: ControlClient) -> None:
+        """Read and answer ``client``; whatever its frames raise closes it alone, never the master."""
+        try:
+            self.read(client)
+        except Exception as exc:  # noqa: BLE001 - a decoder or handler bug must not take the master down
+            log.error("master %d: control client fd %d: %s: %s; closing it",
+                      os.getpid(), client.sock.fileno(), type(exc).__name__, exc)
+            self.reply(client, protocol.error(f"internal error: {type(exc).__name__}"))
+            self.close_client(client)
 
     def read(self, client: ControlClient) -> None:
         try:
@@ -209,10 +222,12 @@ class ControlServer:
         now = time.monotonic()
         for query_id, query in list(self.queries.items()):
             if now >= query.deadline:
-                self.answer_query(query_id)
+                self.answer_query(query_id)  # may close its client, dropping the client's later queries
 
     def answer_query(self, query_id: int) -> None:
-        query = self.queries.pop(query_id)
+        query = self.queries.pop(query_id, None)
+        if query is None:
+            return  # dropped with its client, whose earlier reply failed
         client = query.client
         client.queries -= 1
         self.reply(client, protocol.response("stats", self.source.stats(query.counters)))
