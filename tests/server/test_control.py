@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import selectors
 import signal
 import socket
+import stat
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Dict, List, Set
 
@@ -58,6 +62,31 @@ class TestPausedWorker:
         assert reported[paused] is False, f"paused worker {paused} reported counters: {stats['workers']}"
         assert [r for pid, r in reported.items() if pid != paused] == [True], reported
         assert waited >= STATS_TIMEOUT * 0.9, f"stats answered after {waited:.2f} s, before the timeout"
+
+
+class TestAddress:
+    def test_default_address_is_abstract_and_unguessable(self, start_server):
+        server = start_server("--workers", "1")
+        address = server.info["control"]
+        assert re.fullmatch(rf"@fdcluster-{server.pid}-[0-9a-f]{{16}}", address), address
+        assert server.control(protocol.request("ping")) == [{"out": "pong", "result": None}]
+
+    def test_address_in_use_is_a_one_line_start_up_error(self):
+        address = f"@fdcluster-test-{secrets.token_hex(8)}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as taken:
+            taken.bind("\0" + address[1:])
+            result = subprocess.run([sys.executable, "-m", "fdcluster_server", "--workers", "1", "--control", address],
+                                    capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        assert result.returncode == 1, result.stderr
+        assert f"cannot open control socket {address}: Address already in use" in result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+
+    def test_socket_file_is_private_to_the_owner(self, start_server, tmp_path):
+        path = tmp_path / "control.sock"
+        server = start_server("--workers", "1", "--control", str(path))
+        assert server.info["control"] == str(path)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"control socket {path} has mode {mode:o}: others may connect"
 
 
 class FakeSource:
@@ -158,3 +187,11 @@ class TestInProcess:
         assert protocol.FrameDecoder().feed(bytes(out)) == [b'{"out":"stats","result":{"workers":[]}}']
         assert in_process.server.queries == {}
         waiting.close()
+
+    def test_idle_client_is_closed(self, in_process, monkeypatch):
+        monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.2)
+        idle = in_process.connect()
+        started = time.monotonic()
+        in_process.pump(lambda: received(idle, bytearray()), what="the master to close an idle control client")
+        assert time.monotonic() - started >= 0.2
+        idle.close()
