@@ -13,11 +13,8 @@ guard; the random part only stops another user from taking the name first.  A
 socket file (``--control PATH``) is created with mode 0600.
 
 Nothing a client does can stop the master: an exception from its frames
-closes that client alone; replies go through a bounded non-blocking buffer
-(``MAX_OUTPUT``); at most ``MAX_QUERIES`` stats queries per client wait for
-the workers, each at most ``STATS_TIMEOUT``; at most ``MAX_CLIENTS`` clients
-are connected; a client silent for ``IDLE_TIMEOUT`` is closed.  Out of
-descriptors, accepting pauses for a growing delay.
+closes that client alone, and the limits below bound what each may cost.
+Replies leave in request order through a non-blocking buffer.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Protocol, Set, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Protocol, Set, Union
 
 from . import protocol
 
@@ -51,6 +48,7 @@ LOG_INTERVAL = 1.0  # at most one line per kind of repeated event in this many s
 READ_SIZE = 16 * 1024  # one read per wake-up and client, so one client's flood costs each turn little
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PEERCRED_OPTION: Optional[int] = getattr(socket, "SO_PEERCRED", None)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -78,9 +76,7 @@ class RateLimitedLog:
     """One log line per ``LOG_INTERVAL`` for a repeated event; the ones in between are counted."""
 
     def __init__(self, level: int) -> None:
-        self.level = level
-        self.next_at = 0.0
-        self.suppressed = 0
+        self.level, self.next_at, self.suppressed = level, 0.0, 0
 
     def __call__(self, message: str, *args: Any) -> None:
         now = time.monotonic()
@@ -136,15 +132,6 @@ def default_address(pid: int) -> str:
     return os.path.join(tempfile.mkdtemp(prefix=f"fdcluster-{pid}-"), "control.sock")
 
 
-def peer_credentials(sock: socket.socket) -> Optional[Tuple[int, int, int]]:
-    """``(pid, uid, gid)`` of a Unix socket's peer; None where ``SO_PEERCRED`` does not exist."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return None
-    pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size))
-    return pid, uid, gid
-
-
 class ControlServer:
     """The control socket and its clients, served from the master's selector."""
 
@@ -198,11 +185,10 @@ class ControlServer:
         self._set_accepting(False)
         self.sock.close()
         self.sock = None
-        if self.address and not self.address.startswith("@"):
-            for remove, path in ((os.unlink, self.address), (os.rmdir, self._private_dir)):
+        for remove, path in ((os.unlink, self.address), (os.rmdir, self._private_dir)):
+            if path and not path.startswith("@"):
                 try:
-                    if path:
-                        remove(path)
+                    remove(path)
                 except OSError:
                     pass  # gone already: nothing to clean
 
@@ -246,13 +232,15 @@ class ControlServer:
     def admit(self, sock: socket.socket) -> None:
         """Serve a new connection, unless its peer is another user or there are too many clients."""
         sock.setblocking(False)
-        try:
-            credentials = peer_credentials(sock)
-        except OSError:
-            sock.close()
-            return  # gone before we could ask who it is
-        peer = "pid ? uid ?" if credentials is None else f"pid {credentials[0]} uid {credentials[1]}"
-        if credentials is not None and credentials[1] != os.geteuid():
+        pid, uid = "?", os.geteuid()  # without SO_PEERCRED (not Linux), the 0700 directory is the guard
+        if _PEERCRED_OPTION is not None:
+            try:
+                pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, _PEERCRED_OPTION, _PEERCRED.size))
+            except OSError:
+                sock.close()
+                return  # gone before we could ask who it is
+        peer = f"pid {pid} uid {uid}"
+        if uid != os.geteuid():
             sock.close()
             self._log_refused("master %d: refused control client %s: only uid %d may connect",
                               os.getpid(), peer, os.geteuid())
@@ -378,17 +366,16 @@ class ControlServer:
 
     def flush(self, client: ControlClient) -> None:
         """Send as much of ``client``'s output as its socket takes."""
-        if client.out:
-            try:
-                sent = client.sock.send(client.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close_client(client)  # it has gone: its replies have no reader
-                return
-            if sent:
-                del client.out[:sent]
-                client.active = time.monotonic()
+        try:
+            sent = client.sock.send(client.out) if client.out else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close_client(client)  # it has gone: its replies have no reader
+            return
+        if sent:
+            del client.out[:sent]
+            client.active = time.monotonic()
         self._finish_if_done(client)
 
     def _finish_if_done(self, client: ControlClient) -> None:
@@ -422,12 +409,11 @@ class ControlServer:
             return
         self._next_query += 1
         query_id = self._next_query
-        waiting = self.source.request_counters(query_id)
-        query = StatsQuery(client, waiting, time.monotonic() + STATS_TIMEOUT)
+        query = StatsQuery(client, self.source.request_counters(query_id), time.monotonic() + STATS_TIMEOUT)
         self.queries[query_id] = query
         client.queries += 1
         client.behind.append(query)  # its place in the order of replies
-        if not waiting:
+        if not query.waiting:
             self.answer_query(query_id)
 
     def collect_counters(self, query_id: int, index: int, counters: Dict[str, Any]) -> None:
