@@ -132,6 +132,14 @@ def default_address(pid: int) -> str:
     return os.path.join(tempfile.mkdtemp(prefix=f"fdcluster-{pid}-"), "control.sock")
 
 
+def last_words(sock: socket.socket, data: Union[bytes, bytearray]) -> None:
+    """One non-blocking try to send ``data`` before ``sock`` is closed; what does not fit is lost."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass  # it will see the close instead
+
+
 class ControlServer:
     """The control socket and its clients, served from the master's selector."""
 
@@ -246,10 +254,7 @@ class ControlServer:
                               os.getpid(), peer, os.geteuid())
             return
         if len(self.clients) >= MAX_CLIENTS:
-            try:
-                sock.send(protocol.error(f"too many control clients (limit {MAX_CLIENTS})"))
-            except OSError:
-                pass  # it will see the close instead
+            last_words(sock, protocol.error(f"too many control clients (limit {MAX_CLIENTS})"))
             sock.close()
             self._log_client("master %d: refused control client %s: %d clients already", os.getpid(), peer,
                              MAX_CLIENTS)
@@ -288,10 +293,7 @@ class ControlServer:
         self._log_client("master %d: control client %s: %s; closing it", os.getpid(), client.peer, reason)
         if reply is not None and not client.closed:
             client.out += protocol.error(reply)
-            try:
-                client.sock.send(client.out)  # one try, never waiting: whatever does not fit is lost
-            except OSError:
-                pass  # it will see the close instead
+            last_words(client.sock, client.out)
         self.close_client(client)
 
     def read(self, client: ControlClient) -> None:

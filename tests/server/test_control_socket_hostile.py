@@ -8,6 +8,7 @@ frame, pace or number must never stop the master serving everyone else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import psutil
 import pytest
@@ -143,47 +144,48 @@ class TestBombs:
         assert_unharmed(server, workers)
 
 
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """Worker ``pid`` stopped (SIGSTOP) for the block, so stats queries wait for it."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, what=f"worker {pid} stopped")
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 class TestDisconnectsMidQuery:
     def test_client_gone_while_stats_wait_for_a_paused_worker(self, start_server):
         server = start_server("--workers", "2")
         workers = server.workers()
-        os.kill(workers[0], signal.SIGSTOP)
-        try:
+        with paused(workers[0]):
             with open_control(server) as sock:
                 sock.sendall(protocol.request("stats") * 2)
                 wait_for(lambda: control_connections(server) == 1, what=f"master {server.pid} to accept the client")
             # This query expires after the two above, so once it is answered they have been.
             stats = server.stats()
-        finally:
-            os.kill(workers[0], signal.SIGCONT)
         assert [w["reported"] for w in stats["workers"]] == [False, True], stats["workers"]
         assert_unharmed(server, workers)
 
     def test_half_closed_client_gets_every_stats_reply_after_the_timeout(self, start_server):
         server = start_server("--workers", "2")
         workers = server.workers()
-        os.kill(workers[1], signal.SIGSTOP)
-        try:
-            with open_control(server) as sock:
-                sock.sendall(protocol.request("stats") * 2)
-                sock.shutdown(socket.SHUT_WR)
-                answers = replies(read_to_end(sock, timeout=STATS_TIMEOUT + 5))
-        finally:
-            os.kill(workers[1], signal.SIGCONT)
+        with paused(workers[1]), open_control(server) as sock:
+            sock.sendall(protocol.request("stats") * 2)
+            sock.shutdown(socket.SHUT_WR)
+            answers = replies(read_to_end(sock, timeout=STATS_TIMEOUT + 5))
         assert [r["out"] for r in answers] == ["stats", "stats"], answers
         assert_unharmed(server, workers)
 
     def test_many_clients_gone_mid_query(self, start_server):
         server = start_server("--workers", "2")
         workers = server.workers()
-        os.kill(workers[0], signal.SIGSTOP)
-        try:
+        with paused(workers[0]):
             for _ in range(10):
                 with open_control(server) as sock:
                     sock.sendall(protocol.request("stats") * MAX_QUERIES + protocol.request("workers"))
             stats = server.stats()
-        finally:
-            os.kill(workers[0], signal.SIGCONT)
         assert stats["master"]["pid"] == server.pid
         assert_unharmed(server, workers)
 
