@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--handlers", action="append", default=[], metavar="MODULE[:NAME]",
                         help="add RPC methods from a dict of name -> callable (default NAME: HANDLERS); repeatable")
     parser.add_argument("--control", default=None, metavar="PATH",
-                        help="Unix socket answering 'stats' "
-                        "(default: abstract @fdcluster-PID on Linux; 'none' disables)")
+                        help="Unix socket answering 'stats', 'workers' and 'ping' to the master's own uid "
+                        "(default: abstract @fdcluster-PID-<random hex> on Linux; 'none' disables)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="stderr log level (default: info)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

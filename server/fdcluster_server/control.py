@@ -1,30 +1,55 @@
 """The master's control socket: counters and the worker table for the harness.
 
-A Unix socket (abstract ``@fdcluster-PID`` on Linux by default) answering
-``stats``, ``workers`` and ``ping``.  This module owns the socket, its
-clients, their bounded input buffers and the stats queries in flight; the
-master is reached only through ``ControlSource``, and tells this side when a
-worker answered (``collect_counters``) or died (``worker_lost``).
+A Unix socket answering ``stats``, ``workers`` and ``ping``; by default the
+abstract ``@fdcluster-PID-<16 random hex digits>`` on Linux.  This module owns
+the socket, its clients, their bounded buffers and the stats queries in
+flight; the master is reached only through ``ControlSource``, and tells this
+side when a worker answered (``collect_counters``) or died (``worker_lost``).
 
-A stats query waits at most ``STATS_TIMEOUT`` for the workers, so a paused or
-dying worker delays the answer but never blocks it.
+Security: only a peer with the master's own uid (``SO_PEERCRED``) is served;
+any other is closed at once and logged with its pid and uid.  Abstract names
+carry no permissions and are listed in /proc/net/unix, so the uid check is the
+guard; the random part only stops another user from taking the name first.  A
+socket file (``--control PATH``) is created with mode 0600.
+
+Nothing a client does can stop the master: an exception from its frames
+closes that client alone, and the limits below bound what each may cost.
+Replies leave in request order through a non-blocking buffer.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import secrets
 import selectors
 import socket
+import struct
 import sys
+import tempfile
 import time
-from typing import Any, Dict, List, Optional, Protocol, Set
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Protocol, Set, Union
 
 from . import protocol
 
+log = logging.getLogger("fdcluster.master")
+
 STATS_TIMEOUT = 1.0  # how long a stats query waits for a paused or dying worker
 MAX_REQUEST = 64 * 1024  # a control request's largest frame
-REPLY_TIMEOUT = 1.0  # the harness reads at once; never let it stall the master for long
-_READ = selectors.EVENT_READ
+MAX_OUTPUT = 256 * 1024  # replies held for a client its socket will not take yet; beyond this it is closed
+MAX_QUERIES = 4  # stats queries in flight per client; more are answered with an error
+MAX_CLIENTS = 32  # control clients at once; more are sent an error and closed
+IDLE_TIMEOUT = 10.0  # a client that neither sends nor takes a byte for this long is closed
+ACCEPT_BATCH = 16  # accepts per wake-up
+ACCEPT_PAUSE = (0.05, 2.0)  # out of descriptors: the first pause, and the longest as it doubles
+LOG_INTERVAL = 1.0  # at most one line per kind of repeated event in this many seconds
+READ_SIZE = 16 * 1024  # one read per wake-up and client, so one client's flood costs each turn little
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PEERCRED_OPTION: Optional[int] = getattr(socket, "SO_PEERCRED", None)
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class ControlSource(Protocol):
@@ -43,17 +68,46 @@ class ControlSource(Protocol):
         ...
 
 
+class ControlSocketError(Exception):
+    """The control socket cannot be opened; the message is the one line to log."""
+
+
+class RateLimitedLog:
+    """One log line per ``LOG_INTERVAL`` for a repeated event; the ones in between are counted."""
+
+    def __init__(self, level: int) -> None:
+        self.level, self.next_at, self.suppressed = level, 0.0, 0
+
+    def __call__(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return  # logged less than LOG_INTERVAL ago: counted in the next line
+        if self.suppressed:
+            message += f" ({self.suppressed} more since the last such line)"
+        log.log(self.level, message, *args)
+        self.next_at, self.suppressed = now + LOG_INTERVAL, 0
+
+
 class ControlClient:
     """One connection to the control socket."""
 
-    __slots__ = ("sock", "decoder", "eof", "queries", "closed")
+    __slots__ = ("sock", "peer", "decoder", "out", "behind", "held", "queries", "reading", "closing", "closed",
+                 "events", "active")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
+        self.peer = peer  # "pid N uid N", for log lines
         self.decoder = protocol.FrameDecoder(MAX_REQUEST)
-        self.eof = False
+        self.out = bytearray()  # replies its socket has not taken yet
+        self.behind: Deque[Union[bytes, StatsQuery]] = deque()  # replies waiting behind a stats query, in order
+        self.held = 0  # bytes of the frames in ``behind``
         self.queries = 0  # stats queries still waiting for workers
+        self.reading = True  # False after its EOF
+        self.closing = False  # close once ``out`` is sent (after a fatal frame)
         self.closed = False
+        self.events = 0  # what it is registered for with the selector
+        self.active = time.monotonic()  # when it last sent or took a byte
 
 
 class StatsQuery:
@@ -64,11 +118,26 @@ class StatsQuery:
         self.waiting = waiting
         self.deadline = deadline
         self.counters: Dict[int, Dict[str, Any]] = {}
+        self.reply: Optional[bytes] = None  # once answered, until the replies before it are sent
 
 
 def default_address(pid: int) -> str:
-    """The control socket of master ``pid`` when ``--control`` is not given."""
-    return f"@fdcluster-{pid}" if sys.platform.startswith("linux") else f"/tmp/fdcluster-{pid}.sock"
+    """A fresh control address for master ``pid`` when ``--control`` is not given.
+
+    Linux: an abstract name no other user can guess and take first.  Elsewhere:
+    a socket in a new directory only the owner may enter (mode 0700).
+    """
+    if sys.platform.startswith("linux"):
+        return f"@fdcluster-{pid}-{secrets.token_hex(8)}"
+    return os.path.join(tempfile.mkdtemp(prefix=f"fdcluster-{pid}-"), "control.sock")
+
+
+def last_words(sock: socket.socket, data: Union[bytes, bytearray]) -> None:
+    """One non-blocking try to send ``data`` before ``sock`` is closed; what does not fit is lost."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass  # it will see the close instead
 
 
 class ControlServer:
@@ -79,50 +148,157 @@ class ControlServer:
         self.source = source
         self.sock: Optional[socket.socket] = None
         self.address: Optional[str] = None
+        self.clients: Set[ControlClient] = set()
         self.queries: Dict[int, StatsQuery] = {}
         self._next_query = 0
+        self._private_dir: Optional[str] = None  # the 0700 directory of a default path, removed on close
+        self._accepting = False
+        self._accept_resume: Optional[float] = None  # when a paused accept resumes
+        self._accept_pause = ACCEPT_PAUSE[0]
+        self._log_accept_error = RateLimitedLog(logging.ERROR)
+        self._log_refused = RateLimitedLog(logging.WARNING)
+        self._log_client = RateLimitedLog(logging.WARNING)
 
     def open(self, address: Optional[str], pid: int) -> None:
-        """Listen on ``address`` (None: the default for ``pid``; "": disabled)."""
+        """Listen on ``address`` (None: a fresh default for ``pid``; "": disabled).
+
+        Raises ``ControlSocketError`` (address in use...) with nothing left open.
+        """
         if address == "":
             return  # disabled by --control none
         if address is None:
             address = default_address(pid)
+            if not address.startswith("@"):
+                self._private_dir = os.path.dirname(address)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        sock.listen(16)
+        umask = os.umask(0o177)  # a socket file is born 0600: no moment when others may connect
+        try:
+            sock.bind("\0" + address[1:] if address.startswith("@") else address)
+            sock.listen(MAX_CLIENTS)
+        except OSError as exc:
+            sock.close()
+            raise ControlSocketError(f"cannot open control socket {address}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(umask)
         sock.setblocking(False)
         self.sock, self.address = sock, address
-        self.selector.register(sock, _READ, self.accept)
+        self._set_accepting(True)
 
     def close(self) -> None:
-        """Stop listening; a socket file is removed."""
+        """Stop listening and close every client; a socket file (and its private directory) is removed."""
+        for client in list(self.clients):
+            self.close_client(client)
         if self.sock is None:
             return  # never opened, or closed already
-        self.selector.unregister(self.sock)
+        self._set_accepting(False)
         self.sock.close()
         self.sock = None
-        if self.address and not self.address.startswith("@"):
+        for remove, path in ((os.unlink, self.address), (os.rmdir, self._private_dir)):
+            if path and not path.startswith("@"):
+                try:
+                    remove(path)
+                except OSError:
+                    pass  # gone already: nothing to clean
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def _set_accepting(self, accepting: bool) -> None:
+        if accepting == self._accepting or self.sock is None:
+            return  # no change, or closed
+        if accepting:
+            self.selector.register(self.sock, _READ, self.accept)
+        else:
+            self.selector.unregister(self.sock)
+        self._accepting = accepting
+
+    def accept(self, mask: int) -> None:
+        """Admit a batch of new clients; out of descriptors, pause accepting for a growing delay."""
+        assert self.sock is not None  # registered only while open
+        for _ in range(ACCEPT_BATCH):
             try:
-                os.unlink(self.address)
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # the backlog is empty
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up in the backlog
+                self._pause_accepting(exc)  # never raised: the master must outlive any accept error
+                return
+            self._accept_pause = ACCEPT_PAUSE[0]
+            self.admit(sock)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        # Registered, the listener would wake the loop at once and fail again: a spin.
+        delay = self._accept_pause
+        self._accept_pause = min(ACCEPT_PAUSE[1], delay * 2)
+        self._set_accepting(False)
+        self._accept_resume = time.monotonic() + delay
+        kind = "out of descriptors" if exc.errno in _OUT_OF_DESCRIPTORS else "error"
+        self._log_accept_error("master %d: cannot accept control clients (%s: %s); pausing accepts for %.2f s",
+                               os.getpid(), kind, exc.strerror or exc, delay)
+
+    def admit(self, sock: socket.socket) -> None:
+        """Serve a new connection, unless its peer is another user or there are too many clients."""
+        sock.setblocking(False)
+        pid, uid = "?", os.geteuid()  # without SO_PEERCRED (not Linux), the 0700 directory is the guard
+        if _PEERCRED_OPTION is not None:
+            try:
+                pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, _PEERCRED_OPTION, _PEERCRED.size))
             except OSError:
-                pass
+                sock.close()
+                return  # gone before we could ask who it is
+        peer = f"pid {pid} uid {uid}"
+        if uid != os.geteuid():
+            sock.close()
+            self._log_refused("master %d: refused control client %s: only uid %d may connect",
+                              os.getpid(), peer, os.geteuid())
+            return
+        if len(self.clients) >= MAX_CLIENTS:
+            last_words(sock, protocol.error(f"too many control clients (limit {MAX_CLIENTS})"))
+            sock.close()
+            self._log_client("master %d: refused control client %s: %d clients already", os.getpid(), peer,
+                             MAX_CLIENTS)
+            return
+        client = ControlClient(sock, peer)
+        self.clients.add(client)
+        self._update_events(client)
 
     # -- clients ----------------------------------------------------------------------
 
-    def accept(self, mask: int) -> None:
-        assert self.sock is not None  # registered only while open
+    def _update_events(self, client: ControlClient) -> None:
+        """Register ``client`` for what it needs: reading until EOF or closing, writing while output waits."""
+        wanted = (_READ if client.reading and not client.closing else 0) | (_WRITE if client.out else 0)
+        if wanted == client.events or client.closed:
+            return  # nothing changes
+        if not wanted:
+            self.selector.unregister(client.sock)
+        elif not client.events:
+            self.selector.register(client.sock, wanted, lambda mask, c=client: self.serve(c, mask))
+        else:
+            self.selector.modify(client.sock, wanted, lambda mask, c=client: self.serve(c, mask))
+        client.events = wanted
+
+    def serve(self, client: ControlClient, mask: int) -> None:
+        """Send what ``client`` can take, read what it sent; whatever this raises closes it alone, never the master."""
         try:
-            sock, _ = self.sock.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        client = ControlClient(sock)
-        self.selector.register(sock, _READ, lambda m, c=client: self.read(c))
+            if mask & _WRITE:
+                self.flush(client)
+            if mask & _READ and not client.closed:
+                self.read(client)
+        except Exception as exc:  # noqa: BLE001 - a decoder or handler bug must not take the master down
+            self._fail(client, f"{type(exc).__name__}: {exc}", f"internal error: {type(exc).__name__}")
+
+    def _fail(self, client: ControlClient, reason: str, reply: Optional[str] = None) -> None:
+        """Close ``client`` for ``reason`` (logged), after a last error frame ``reply`` if its socket takes it."""
+        self._log_client("master %d: control client %s: %s; closing it", os.getpid(), client.peer, reason)
+        if reply is not None and not client.closed:
+            client.out += protocol.error(reply)
+            last_words(client.sock, client.out)
+        self.close_client(client)
 
     def read(self, client: ControlClient) -> None:
         try:
-            data = client.sock.recv(65536)
+            data = client.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -130,67 +306,123 @@ class ControlServer:
         if not data:
             # The harness half-closes after its request and reads until EOF, so by the time it
             # observes the cluster this connection is gone from the master's descriptors.
-            client.eof = True
-            self.selector.unregister(client.sock)
-            if not client.queries:
-                self.close_client(client)
+            client.reading = False
+            self._finish_if_done(client)
             return
+        client.active = time.monotonic()
         for body in client.decoder.feed(data):
-            try:
-                method, _ = protocol.parse_request(body)
-            except protocol.BadRequest as exc:
-                self.reply(client, protocol.error(str(exc)))
-                continue
-            if method == "stats":
-                self.start_stats_query(client)
-            elif method == "workers":
-                # Answered from the master's own table, so a paused worker cannot delay it.
-                self.reply(client, protocol.response("workers", self.source.worker_table()))
-            elif method == "ping":
-                self.reply(client, protocol.response("pong", None))
-            else:
-                self.reply(client, protocol.error(f"unknown control method {method!r}"))
-        if client.decoder.failure is not None:
-            self.close_client(client)
+            if client.closed or client.closing:
+                return  # its output overflowed, or an earlier frame was fatal: decode no further
+            self.answer(client, body)
+        failure = client.decoder.failure
+        if failure is not None and not client.closed:
+            self.send(client, protocol.error(str(failure)))
+            client.closing = True  # the stream cannot be resynchronised: close once the error is sent
+            self._finish_if_done(client)
 
-    def reply(self, client: ControlClient, frame: bytes) -> None:
+    def answer(self, client: ControlClient, body: bytes) -> None:
+        """Answer one request frame of ``client``."""
+        try:
+            method, _ = protocol.parse_request(body)
+        except protocol.BadRequest as exc:
+            self.send(client, protocol.error(str(exc)))
+            return
+        if method == "stats":
+            self.start_stats_query(client)
+        elif method == "workers":
+            # Answered from the master's own table, so a paused worker cannot delay it.
+            self.send(client, protocol.response("workers", self.source.worker_table()))
+        elif method == "ping":
+            self.send(client, protocol.response("pong", None))
+        else:
+            self.send(client, protocol.error(f"unknown control method {method!r}"))
+
+    def send(self, client: ControlClient, frame: bytes) -> None:
+        """Queue ``frame`` for ``client`` after every earlier reply; send what its socket takes now, never blocking."""
         if client.closed:
             return  # gone while its query waited
+        client.behind.append(frame)
+        client.held += len(frame)
+        self._deliver(client)
+
+    def _deliver(self, client: ControlClient) -> None:
+        """Move the replies that are ready, in request order, to the output; close a client that reads too little."""
+        behind, queued = client.behind, bool(client.out)
+        while behind:
+            head = behind[0]
+            frame = head.reply if isinstance(head, StatsQuery) else head
+            if frame is None:
+                break  # a stats query still waits: the replies after it wait too
+            behind.popleft()
+            if not isinstance(head, StatsQuery):
+                client.held -= len(frame)
+            client.out += frame
+        if not queued:
+            self.flush(client)  # nothing was waiting: try at once, no extra wake-up
+        if client.closed:
+            return  # the send failed
+        if len(client.out) + client.held > MAX_OUTPUT:
+            self._fail(client, f"{len(client.out) + client.held} bytes of replies unread (limit {MAX_OUTPUT})")
+            return
+        self._update_events(client)
+
+    def flush(self, client: ControlClient) -> None:
+        """Send as much of ``client``'s output as its socket takes."""
         try:
-            client.sock.setblocking(True)
-            client.sock.settimeout(REPLY_TIMEOUT)
-            client.sock.sendall(frame)
-            client.sock.setblocking(False)
+            sent = client.sock.send(client.out) if client.out else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
+            self.close_client(client)  # it has gone: its replies have no reader
+            return
+        if sent:
+            del client.out[:sent]
+            client.active = time.monotonic()
+        self._finish_if_done(client)
+
+    def _finish_if_done(self, client: ControlClient) -> None:
+        """Close ``client`` once it will get nothing more (after its EOF or a fatal frame), else re-register it."""
+        if client.closed:
+            return
+        if not client.out and not client.behind and (client.closing or (not client.reading and not client.queries)):
             self.close_client(client)
+        else:
+            self._update_events(client)
 
     def close_client(self, client: ControlClient) -> None:
         if client.closed:
             return
-        client.closed = True
         for query_id, query in list(self.queries.items()):
             if query.client is client:
                 del self.queries[query_id]
-        if not client.eof:
+        try:
             self.selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass  # not registered: after its EOF with replies still to come, or an exception mid-registration
+        client.closed = True
         client.sock.close()
+        self.clients.discard(client)
 
     # -- stats queries ------------------------------------------------------------------
 
     def start_stats_query(self, client: ControlClient) -> None:
+        if client.queries >= MAX_QUERIES:
+            self.send(client, protocol.error(f"more than {MAX_QUERIES} stats queries in flight; read the replies"))
+            return
         self._next_query += 1
         query_id = self._next_query
-        waiting = self.source.request_counters(query_id)
-        self.queries[query_id] = StatsQuery(client, waiting, time.monotonic() + STATS_TIMEOUT)
+        query = StatsQuery(client, self.source.request_counters(query_id), time.monotonic() + STATS_TIMEOUT)
+        self.queries[query_id] = query
         client.queries += 1
-        if not waiting:
+        client.behind.append(query)  # its place in the order of replies
+        if not query.waiting:
             self.answer_query(query_id)
 
     def collect_counters(self, query_id: int, index: int, counters: Dict[str, Any]) -> None:
         """Worker ``index`` answered query ``query_id``."""
         query = self.queries.get(query_id)
         if query is None:
-            return  # answered already (timed out)
+            return  # answered already (timed out), or dropped with its client
         query.counters[index] = counters
         query.waiting.discard(index)
         if not query.waiting:
@@ -202,19 +434,41 @@ class ControlServer:
             query.waiting.discard(index)
 
     def next_deadline(self) -> Optional[float]:
-        """When the oldest waiting query must be answered, if any waits."""
-        return min((q.deadline for q in self.queries.values()), default=None)
+        """When something is next due: a query's answer, an idle client's close, a paused accept's resumption.
+
+        Runs what is due first: the master asks every turn, also while stopping, when it does
+        not call ``expire_queries``, and a deadline left in the past would make its select spin.
+        """
+        self.expire_queries()
+        deadlines = [query.deadline for query in self.queries.values()]
+        deadlines.extend(client.active + IDLE_TIMEOUT for client in self.clients)
+        if self._accept_resume is not None:
+            deadlines.append(self._accept_resume)
+        return min(deadlines, default=None)
 
     def expire_queries(self) -> None:
+        """Answer the queries past their deadline, close idle clients, resume a paused accept when due."""
         now = time.monotonic()
         for query_id, query in list(self.queries.items()):
             if now >= query.deadline:
-                self.answer_query(query_id)
+                self.answer_query(query_id)  # may close its client, dropping the client's later queries
+        for client in [c for c in self.clients if now - c.active >= IDLE_TIMEOUT]:
+            self._fail(client, f"idle for {IDLE_TIMEOUT:g} s")
+        if self._accept_resume is not None and now >= self._accept_resume:
+            self._accept_resume = None
+            self._set_accepting(True)
 
     def answer_query(self, query_id: int) -> None:
-        query = self.queries.pop(query_id)
+        query = self.queries.pop(query_id, None)
+        if query is None:
+            return  # dropped with its client, whose earlier reply failed
         client = query.client
         client.queries -= 1
-        self.reply(client, protocol.response("stats", self.source.stats(query.counters)))
-        if client.eof and not client.queries:
-            self.close_client(client)
+        try:
+            frame = protocol.response("stats", self.source.stats(query.counters))
+        except Exception as exc:  # noqa: BLE001 - the master's figures failing must cost this reply, not the master
+            self._fail(client, f"stats failed: {type(exc).__name__}: {exc}", f"internal error: {type(exc).__name__}")
+            return
+        query.reply = frame
+        self._deliver(client)
+        self._finish_if_done(client)

@@ -26,7 +26,7 @@ from . import channel as ch
 from . import signals
 from .acceptor import Acceptor
 from .config import EXIT_OK, EXIT_STARTUP_FAILED, EXIT_WORKER_CRASHED, READY_TAG, ServerConfig
-from .control import ControlServer
+from .control import ControlServer, ControlSocketError
 from .dispatch import SHARED_ACCEPT, Dispatcher, WorkerSlot
 from .handlers import Handler
 from .worker import Worker, close_inherited_fds
@@ -116,7 +116,11 @@ class Master:
             log.error("cannot listen on %s:%s: %s", self.config.host, self.config.port, exc.strerror or exc)
             return EXIT_STARTUP_FAILED
         self.install_signals()
-        self.control.open(self.config.control, self.pid)
+        try:
+            self.control.open(self.config.control, self.pid)
+        except ControlSocketError as exc:
+            log.error("%s", exc)
+            return EXIT_STARTUP_FAILED
         for index in self.slots:
             self.spawn_worker(index)
         self.acceptor.set_accepting(self.config.strategy != SHARED_ACCEPT)
