@@ -19,6 +19,14 @@ Two questions, two tools, no scipy:
   only like 1/sqrt(n)); the order of owners is strong: ``is_rotation`` and
   ``rotation_pass_probability`` (k!/k^n) for connections served one at a time.
 
+Figures (exact, from these functions; power = 1 - pass probability of random dispatch):
+
+- one at a time, ``is_rotation`` over 4 connections per worker: random passes
+  0.78% (2 workers), 0.0011% (3), 6e-7% (4).  Counts alone at spread <= 1 would
+  need 6366, 84 and 24 connections for the same 99%.
+- concurrent bursts of 8 per worker, spread <= 2 per burst, one failed burst
+  allowed (``rounds_needed``): 12, 5 and 4 bursts; random passes 0.76%, 0.84%, 0.26%.
+
 Every probability here is a probability under uniform random dispatch unless a
 docstring says otherwise.  Pure: no I/O, no pytest.
 """
@@ -26,7 +34,7 @@ docstring says otherwise.  Pure: no I/O, no pytest.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Dict, Iterator, NamedTuple, Sequence, Tuple
 
 __all__ = [
     "ChiSquare",
@@ -228,7 +236,9 @@ def random_pass_probability(n: int, k: int, tolerance: int) -> float:
     return ways / k**n
 
 
-def min_sample_size(k: int, tolerance: int, beta: float = DEFAULT_BETA, step: int = 0, limit: int = _SEARCH_LIMIT) -> int:
+def min_sample_size(
+    k: int, tolerance: int, beta: float = DEFAULT_BETA, step: int = 0, limit: int = _SEARCH_LIMIT
+) -> int:
     """The smallest n, a multiple of ``step`` (default k), at which random dispatch passes the tolerance with <= beta.
 
     Power against random dispatch at that n is 1 - ``random_pass_probability``
@@ -265,9 +275,8 @@ def rounds_pass_probability(pass_probability: float, rounds: int, allowed_failur
     if rounds < 1 or not 0 <= allowed_failures:
         raise ValueError(f"need rounds >= 1 and allowed_failures >= 0, got {rounds} and {allowed_failures}")
     fail = 1.0 - pass_probability
-    return min(1.0, sum(
-        math.comb(rounds, j) * fail**j * pass_probability ** (rounds - j) for j in range(min(allowed_failures, rounds) + 1)
-    ))
+    terms = (math.comb(rounds, j) * fail**j * pass_probability ** (rounds - j) for j in range(allowed_failures + 1))
+    return min(1.0, sum(terms))
 
 
 def rounds_needed(pass_probability: float, beta: float = DEFAULT_BETA, allowed_failures: int = 0) -> int:
@@ -314,13 +323,3 @@ def rotation_pass_probability(n: int, k: int) -> float:
     if n < k:
         return math.perm(k, n) / k**n
     return math.factorial(k) / k**n
-
-
-def _table(ks: Sequence[int], tolerances: Sequence[int], beta: float = DEFAULT_BETA) -> List[Tuple[int, int, int, float]]:
-    """(k, tolerance, min n, pass probability at that n): the figures quoted in the docs."""
-    rows = []
-    for k in ks:
-        for tolerance in tolerances:
-            n = min_sample_size(k, tolerance, beta)
-            rows.append((k, tolerance, n, random_pass_probability(n, k, tolerance)))
-    return rows
