@@ -1,0 +1,59 @@
+"""Handoffs that cannot complete: a frozen worker, a worker stuck in a handler; the master idles and requeues."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from conftest import closed_by_peer, connect, recv_frame, wait_for
+from probes import IDLE_CPU, cpu_seconds_over
+
+from fdcluster_server import protocol
+
+
+class TestFrozenWorker:
+    def test_master_idles_while_a_full_worker_keeps_clients_pending_also_while_stopping(self, start_server):
+        server = start_server("--workers", "1", "--handoff-window", "2", "--graceful-timeout", "30")
+        (frozen,) = server.workers()
+        os.kill(frozen, signal.SIGSTOP)
+        socks = []
+        try:
+            for i in range(4):
+                sock = connect(server.address, timeout=15)
+                sock.sendall(protocol.request("ping", i))
+                socks.append(sock)
+            wait_for(lambda: server.stats()["master"]["pending"] == 2, timeout=10,
+                     what=f"2 clients pending behind frozen worker {frozen}'s full window")
+            cpu = cpu_seconds_over(server.pid)
+            assert cpu < IDLE_CPU, f"master {server.pid} used {cpu:.2f} s of CPU in 1 s waiting on frozen {frozen}"
+            server.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "draining" in server.stderr(), what=f"master {server.pid} to start its graceful stop")
+            cpu = cpu_seconds_over(server.pid)
+            assert cpu < IDLE_CPU, f"master {server.pid} used {cpu:.2f} s of CPU in 1 s draining to frozen {frozen}"
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        for i, sock in enumerate(socks):
+            assert recv_frame(sock) == {"out": "pong", "result": i}, f"client {i} of resumed worker {frozen} lost"
+            sock.close()
+        assert server.proc.wait(15) == 0
+
+
+class TestHeartbeat:
+    def test_worker_stuck_in_a_handler_is_killed_and_its_handoffs_served_elsewhere(self, start_server):
+        server = start_server("--workers", "1", "--heartbeat-timeout", "1", "--handlers", "handlers_for_tests")
+        (stuck,) = server.workers()
+        with connect(server.address, timeout=15) as hung, connect(server.address, timeout=15) as waiting:
+            hung.sendall(protocol.request("hang"))
+            waiting.sendall(protocol.request("ping", "after the watchdog"))
+            assert closed_by_peer(hung) in ("eof", "reset"), f"client of stuck worker {stuck}"
+            assert recv_frame(waiting) == {"out": "pong", "result": "after the watchdog"}, (
+                f"the client behind stuck worker {stuck} was not served by its replacement")
+        assert f"(pid {stuck}): no heartbeat" in server.stderr()
+        wait_for(lambda: server.workers() and stuck not in server.workers(), what=f"a replacement for {stuck}")
+        assert server.stats()["master"]["heartbeat_kills"] == 1
+
+    def test_idle_workers_are_not_killed(self, start_server):
+        server = start_server("--workers", "2", "--heartbeat-timeout", "0.5")
+        workers = server.workers()
+        cpu_seconds_over(server.pid, 1.5)  # three timeouts of idleness
+        assert server.workers() == workers and "no heartbeat" not in server.stderr(), server.stderr()
