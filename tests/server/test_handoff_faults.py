@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 
 from conftest import closed_by_peer, connect, recv_frame, wait_for
 from probes import IDLE_CPU, cpu_seconds_over
 
 from fdcluster_server import protocol
+
+
+def answered(socks, timeout=0.0):
+    """The sockets among ``socks`` with an answer to read (poll-based: their numbers may pass 1024)."""
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        return [key.fileobj for key, _ in selector.select(timeout)]
 
 
 class TestFrozenWorker:
@@ -36,6 +45,34 @@ class TestFrozenWorker:
             assert recv_frame(sock) == {"out": "pong", "result": i}, f"client {i} of resumed worker {frozen} lost"
             sock.close()
         assert server.proc.wait(15) == 0
+
+
+    def test_client_turned_away_by_a_full_channel_goes_to_another_worker_at_once(self, start_server):
+        # A frozen worker's channel holds a few hundred handoffs (its socket buffer), far below this window.
+        server = start_server("--workers", "2", "--handoff-window", "100000")
+        frozen = server.workers()[0]
+        os.kill(frozen, signal.SIGSTOP)
+        socks = []
+        try:
+            for i in range(1200):
+                sock = connect(server.address, timeout=15)
+                sock.sendall(protocol.request("ping", i))
+                socks.append(sock)
+            wait_for(lambda: answered(socks[-1:]), what="the burst's last client to be served")
+            unanswered = len(socks) - len(answered(socks, 0.5))
+            assert unanswered < len(socks) // 2, f"only {unanswered} clients wait: the channel never filled"
+            # One at a time now: when a client's turn falls on the full channel, no later event would retry it.
+            for i in range(len(socks), len(socks) + 4):
+                sock = connect(server.address, timeout=15)
+                sock.sendall(protocol.request("ping", i))
+                socks.append(sock)
+                wait_for(lambda sock=sock: answered([sock]), what=(
+                    f"client {i}, turned away by frozen worker {frozen}'s full channel, to be served by the other"))
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        for i, sock in enumerate(socks):
+            assert recv_frame(sock) == {"out": "pong", "result": i}, f"client {i} lost"
+            sock.close()
 
 
 class TestHeartbeat:
