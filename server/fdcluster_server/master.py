@@ -6,13 +6,13 @@ queue the signal; the loop runs ``handle_<name>`` for each (``handle_term``,
 respawns and dispatches.  Those signals are blocked across ``fork()``, so one
 sent to a new worker waits until the worker's own handlers are installed.
 
-Respawns back off while a slot's workers keep dying young (``STABLE_LIFETIME``),
+Respawns back off while a slot's workers keep dying young (``lifecycle.STABLE_LIFETIME``),
 and a spawn that fails (out of descriptors, say) counts as such a death: the
 slot stays empty and is retried.  At start the soft RLIMIT_NOFILE is raised to
 the hard limit (the ready line's ``nofile``).  With ``--heartbeat-timeout`` a
 worker silent for longer is SIGKILLed, and its unacknowledged sockets requeued.
 
-One ``slots.Slot`` per worker index outlives the processes that fill it.  The
+One ``lifecycle.Slot`` per worker index outlives the processes that fill it.  The
 listening socket lives in ``acceptor.Acceptor``, the handoff bookkeeping in
 ``dispatch.Dispatcher``, the control socket in ``control.ControlServer``; this
 module supervises and moves the records.
@@ -31,13 +31,13 @@ import traceback
 from typing import Any, Dict, Iterator, List, Optional, Set
 
 from . import channel as ch
-from . import signals
+from . import lifecycle, signals
 from .acceptor import Acceptor
 from .config import EXIT_OK, EXIT_STARTUP_FAILED, EXIT_WORKER_CRASHED, READY_TAG, ServerConfig
 from .control import ControlServer
 from .dispatch import SHARED_ACCEPT, Dispatcher, WorkerSlot
 from .handlers import Handler
-from .slots import BACKOFF_BASE, STABLE_LIFETIME, Process, Slot, describe_status, raise_nofile_limit, respawn_delay
+from .lifecycle import Process, Slot, Watchdog, describe_status
 from .worker import Worker, close_inherited_fds
 
 log = logging.getLogger("fdcluster.master")
@@ -74,6 +74,7 @@ class Master:
         self.deaths = 0
         self.spawn_failures = 0
         self.heartbeat_kills = 0
+        self.watchdog = Watchdog(config.heartbeat_timeout)
         self.nofile = 0
         self.stopping: Optional[str] = None  # GRACEFUL or FAST
         self.stop_deadline = 0.0
@@ -96,7 +97,7 @@ class Master:
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.host, self.config.port, exc.strerror or exc)
             return EXIT_STARTUP_FAILED
-        self.nofile = raise_nofile_limit()
+        self.nofile = lifecycle.raise_nofile_limit()
         self.install_signals()
         self.control.open(self.config.control, self.pid)
         for index in self.slots:
@@ -123,7 +124,7 @@ class Master:
     def next_timeout(self) -> float:
         deadlines = [slot.respawn_at for slot in self.slots.values() if slot.respawn_at is not None]
         for deadline in (self.control.next_deadline(), self.dispatcher.next_deadline(), self.acceptor.resume_at(),
-                         self.next_heartbeat_deadline()):
+                         None if self.stopping else self.watchdog.deadline(self.live_processes())):
             if deadline is not None:
                 deadlines.append(deadline)
         if self.stopping:
@@ -240,7 +241,7 @@ class Master:
         """A worker could not be started: the slot stays empty, retried after a back-off as for a quick death."""
         self.spawn_failures += 1
         slot = self.slots[index]
-        delay = self.delay_respawn(slot, stable=False, minimum=BACKOFF_BASE)  # at once could fail the same way
+        delay = self.delay_respawn(slot, stable=False, minimum=lifecycle.BACKOFF_BASE)  # at once: the same failure
         log.error("worker %d: cannot start: %s; retrying in %.2f s", index, exc.strerror or exc, delay)
 
     def reap_workers(self) -> None:
@@ -283,15 +284,15 @@ class Master:
     def schedule_respawn(self, process: Process) -> None:
         """Replace a dead worker: at once, or after a back-off growing with its slot's deaths in a row."""
         slot = self.slots[process.index]
-        delay = self.delay_respawn(slot, stable=time.monotonic() - process.started >= STABLE_LIFETIME)
+        delay = self.delay_respawn(slot, stable=time.monotonic() - process.started >= lifecycle.STABLE_LIFETIME)
         if delay:
             log.warning("worker %d: %d deaths in a row, each within %.0f s of its start; respawning in %.2f s",
-                        slot.index, slot.deaths_in_row, STABLE_LIFETIME, delay)
+                        slot.index, slot.deaths_in_row, lifecycle.STABLE_LIFETIME, delay)
 
     def delay_respawn(self, slot: Slot, stable: bool, minimum: float = 0.0) -> float:
         """Count one more death of ``slot`` (a first one if its process was ``stable``); schedule; return the delay."""
         slot.deaths_in_row = 1 if stable else slot.deaths_in_row + 1
-        delay = respawn_delay(slot.deaths_in_row, self.config.respawn_backoff_max, minimum)
+        delay = lifecycle.respawn_delay(slot.deaths_in_row, self.config.respawn_backoff_max, minimum)
         slot.respawn_at = time.monotonic() + delay
         return delay
 
@@ -379,26 +380,13 @@ class Master:
         except ProcessLookupError:
             pass  # dead already, waiting to be reaped
 
-    def next_heartbeat_deadline(self) -> Optional[float]:
-        """When the longest-silent worker overstays ``--heartbeat-timeout``, if the watchdog is on."""
-        timeout = self.config.heartbeat_timeout
-        if not timeout or self.stopping:
-            return None
-        heard = [p.heard for p in self.live_processes() if p.channel is not None and not p.killed]
-        return min(heard) + timeout if heard else None
-
     def kill_silent_workers(self) -> None:
         """The watchdog: SIGKILL each worker silent for longer than ``--heartbeat-timeout`` (stuck in a handler)."""
-        timeout = self.config.heartbeat_timeout
-        if not timeout:
-            return  # watchdog off
-        now = time.monotonic()
-        for process in list(self.live_processes()):
-            if process.channel is not None and not process.killed and now - process.heard > timeout:
-                log.error("worker %d (pid %d): no heartbeat for %.1f s (limit %g s); killing it",
-                          process.index, process.pid, now - process.heard, timeout)
-                self.heartbeat_kills += 1
-                self.kill_worker(process)
+        for process in self.watchdog.overdue(self.live_processes()):
+            log.error("worker %d (pid %d): no heartbeat for %.1f s (limit %g s); killing it",
+                      process.index, process.pid, time.monotonic() - process.heard, self.watchdog.timeout)
+            self.heartbeat_kills += 1
+            self.kill_worker(process)
 
     def _send(self, process: Process, kind: int, arg: int = 0) -> None:
         if process.channel is None:

@@ -1,7 +1,8 @@
 """The master's records of its workers: one ``Process`` per forked worker, one ``Slot`` per worker index.
 
-Also the policy those records feed: how long a slot waits before its next
-respawn (``respawn_delay``), and the descriptor limit raised at start.  Runs in
+Also the policies those records feed: how long a slot waits before its next
+respawn (``respawn_delay``), which workers the heartbeat watchdog gives up on
+(``Watchdog``), and the descriptor limit raised at start.  Runs in
 the master only; nothing here forks or signals.
 """
 
@@ -11,8 +12,9 @@ import logging
 import os
 import resource
 import signal
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, List, Optional
 
 from . import channel as ch
 
@@ -80,3 +82,24 @@ def respawn_delay(deaths_in_row: int, longest: float, shortest: float = 0.0) -> 
     """
     delay = 0.0 if deaths_in_row <= 1 else BACKOFF_BASE * 2 ** deaths_in_row
     return min(longest, max(shortest, delay))
+
+
+class Watchdog:
+    """``--heartbeat-timeout``: a worker whose channel has been silent longer is taken for hung (0: never)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def deadline(self, processes: Iterable[Process]) -> Optional[float]:
+        """When the longest-silent of ``processes`` overstays the timeout, if the watchdog is on."""
+        if not self.timeout:
+            return None
+        heard = [p.heard for p in processes if p.channel is not None and not p.killed]
+        return min(heard) + self.timeout if heard else None
+
+    def overdue(self, processes: Iterable[Process]) -> List[Process]:
+        """The processes silent for longer than the timeout, not yet killed."""
+        if not self.timeout:
+            return []
+        now = time.monotonic()
+        return [p for p in processes if p.channel is not None and not p.killed and now - p.heard > self.timeout]
