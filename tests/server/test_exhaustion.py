@@ -12,26 +12,12 @@ import resource
 import signal
 
 import psutil
-from conftest import closed_by_peer, connect, recv_frame, wait_for
-from probes import IDLE_CPU, cpu_seconds_over, descriptors_exhausted
+from conftest import closed_by_peer, connect, wait_for
+from probes import IDLE_CPU, cpu_seconds_over, descriptors_exhausted, expect_pongs, send_pings
 
 from fdcluster_server import dispatch, protocol
 
 CLIENTS = 5
-
-
-def send_pings(server, count):
-    socks = []
-    for i in range(count):
-        sock = connect(server.address)
-        sock.sendall(protocol.request("ping", i))
-        socks.append(sock)
-    return socks
-
-
-def expect_pongs(socks, who):
-    for i, sock in enumerate(socks):
-        assert recv_frame(sock) == {"out": "pong", "result": i}, f"client {i} waiting on {who} was not served"
 
 
 class TestMasterAtTheLimit:
@@ -47,7 +33,7 @@ class TestMasterAtTheLimit:
         socks = []
         try:
             with descriptors_exhausted(server.pid) as limit:
-                socks = send_pings(server, CLIENTS)
+                socks = send_pings(server.address, CLIENTS)
                 wait_for(lambda: "Too many open files" in server.stderr(), what=f"master {server.pid} to hit EMFILE")
                 cpu = cpu_seconds_over(server.pid)
                 assert cpu < IDLE_CPU, f"{master} at its descriptor limit {limit} used {cpu:.2f} s of CPU in 1 s"
@@ -76,7 +62,7 @@ class TestWorkerAtTheLimit:
         socks = []
         try:
             with descriptors_exhausted(worker) as limit:
-                socks = send_pings(server, CLIENTS)
+                socks = send_pings(server.address, CLIENTS)
                 wait_for(lambda: "Too many open files" in server.stderr(), what=f"worker {worker} to hit EMFILE")
                 cpu = cpu_seconds_over(worker)
                 assert cpu < IDLE_CPU, f"worker {worker} at its descriptor limit {limit} used {cpu:.2f} s of CPU in 1 s"

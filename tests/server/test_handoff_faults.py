@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 
 from conftest import closed_by_peer, connect, recv_frame, wait_for
-from probes import IDLE_CPU, cpu_seconds_over
+from probes import IDLE_CPU, answered, cpu_seconds_over, expect_pongs, send_pings
 
 from fdcluster_server import protocol
-
-
-def answered(socks, timeout=0.0):
-    """The sockets among ``socks`` with an answer to read (poll-based: their numbers may pass 1024)."""
-    with selectors.DefaultSelector() as selector:
-        for sock in socks:
-            selector.register(sock, selectors.EVENT_READ)
-        return [key.fileobj for key, _ in selector.select(timeout)]
 
 
 class TestFrozenWorker:
@@ -27,10 +18,7 @@ class TestFrozenWorker:
         os.kill(frozen, signal.SIGSTOP)
         socks = []
         try:
-            for i in range(4):
-                sock = connect(server.address, timeout=15)
-                sock.sendall(protocol.request("ping", i))
-                socks.append(sock)
+            socks = send_pings(server.address, 4)
             wait_for(lambda: server.stats()["master"]["pending"] == 2, timeout=10,
                      what=f"2 clients pending behind frozen worker {frozen}'s full window")
             cpu = cpu_seconds_over(server.pid)
@@ -41,11 +29,10 @@ class TestFrozenWorker:
             assert cpu < IDLE_CPU, f"master {server.pid} used {cpu:.2f} s of CPU in 1 s draining to frozen {frozen}"
         finally:
             os.kill(frozen, signal.SIGCONT)
-        for i, sock in enumerate(socks):
-            assert recv_frame(sock) == {"out": "pong", "result": i}, f"client {i} of resumed worker {frozen} lost"
+        expect_pongs(socks, f"resumed worker {frozen}")
+        for sock in socks:
             sock.close()
         assert server.proc.wait(15) == 0
-
 
     def test_client_turned_away_by_a_full_channel_goes_to_another_worker_at_once(self, start_server):
         # A frozen worker's channel holds a few hundred handoffs (its socket buffer), far below this window.
@@ -54,24 +41,19 @@ class TestFrozenWorker:
         os.kill(frozen, signal.SIGSTOP)
         socks = []
         try:
-            for i in range(1200):
-                sock = connect(server.address, timeout=15)
-                sock.sendall(protocol.request("ping", i))
-                socks.append(sock)
+            socks = send_pings(server.address, 1200)
             wait_for(lambda: answered(socks[-1:]), what="the burst's last client to be served")
             unanswered = len(socks) - len(answered(socks, 0.5))
             assert unanswered < len(socks) // 2, f"only {unanswered} clients wait: the channel never filled"
             # One at a time now: when a client's turn falls on the full channel, no later event would retry it.
             for i in range(len(socks), len(socks) + 4):
-                sock = connect(server.address, timeout=15)
-                sock.sendall(protocol.request("ping", i))
-                socks.append(sock)
-                wait_for(lambda sock=sock: answered([sock]), what=(
+                socks += send_pings(server.address, 1, first=i)
+                wait_for(lambda last=socks[-1]: answered([last]), what=(
                     f"client {i}, turned away by frozen worker {frozen}'s full channel, to be served by the other"))
         finally:
             os.kill(frozen, signal.SIGCONT)
-        for i, sock in enumerate(socks):
-            assert recv_frame(sock) == {"out": "pong", "result": i}, f"client {i} lost"
+        expect_pongs(socks, f"frozen then resumed worker {frozen} or the other")
+        for sock in socks:
             sock.close()
 
 
