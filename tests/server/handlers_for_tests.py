@@ -13,7 +13,11 @@ def die(params):
 
 
 def hang(params):
-    time.sleep(3600)  # stuck in a handler, for the heartbeat watchdog; killed long before this returns
+    """Stuck in a handler, for the heartbeat watchdog; first creates the file named by ``params``, if any."""
+    if params:
+        with open(params, "w"):
+            pass  # tells the test the worker is stuck from now on
+    time.sleep(3600)  # killed long before this returns
 
 
 def add(params):

@@ -58,15 +58,19 @@ class TestFrozenWorker:
 
 
 class TestHeartbeat:
-    def test_worker_stuck_in_a_handler_is_killed_and_its_handoffs_served_elsewhere(self, start_server):
+    def test_worker_stuck_in_a_handler_is_killed_and_its_handoffs_served_elsewhere(self, start_server, tmp_path):
         server = start_server("--workers", "1", "--heartbeat-timeout", "1", "--handlers", "handlers_for_tests")
         (stuck,) = server.workers()
-        with connect(server.address, timeout=15) as hung, connect(server.address, timeout=15) as waiting:
-            hung.sendall(protocol.request("hang"))
+        marker = tmp_path / "stuck"
+        with connect(server.address, timeout=15) as hung:
+            hung.sendall(protocol.request("hang", str(marker)))
+            wait_for(marker.exists, what=f"worker {stuck} to be stuck in the handler")
+            waiting = connect(server.address, timeout=15)  # handed to the stuck worker, never acknowledged
             waiting.sendall(protocol.request("ping", "after the watchdog"))
             assert closed_by_peer(hung) in ("eof", "reset"), f"client of stuck worker {stuck}"
-            assert recv_frame(waiting) == {"out": "pong", "result": "after the watchdog"}, (
-                f"the client behind stuck worker {stuck} was not served by its replacement")
+            with waiting:
+                assert recv_frame(waiting) == {"out": "pong", "result": "after the watchdog"}, (
+                    f"the client behind stuck worker {stuck} was not served by its replacement")
         assert f"(pid {stuck}): no heartbeat" in server.stderr()
         wait_for(lambda: server.workers() and stuck not in server.workers(), what=f"a replacement for {stuck}")
         assert server.stats()["master"]["heartbeat_kills"] == 1
