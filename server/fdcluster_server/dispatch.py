@@ -314,6 +314,14 @@ class Dispatcher:
             worker.unacked.clear()
         self._rejects.clear()
 
+    def _pause_over(self, worker: WorkerSlot) -> bool:
+        """True (and the pause forgotten) once ``worker``'s pause has run out."""
+        assert worker.paused_until is not None
+        if self.clock() < worker.paused_until:
+            return False
+        worker.paused_until = None
+        return True
+
     @staticmethod
     def _has_room(worker: WorkerSlot) -> None:
         worker.full_since = None
@@ -328,11 +336,9 @@ class Dispatcher:
         start = bisect.bisect_left(order, self._cursor)
         workers = self.workers
         rotation = [workers[i] for i in order[start:] + order[:start]]
-        if any(w.paused_until is not None for w in rotation):
-            now = self.clock()
-            rotation = [w for w in rotation if w.paused_until is None or w.paused_until <= now]
         if self.strategy == LEAST_CONNECTIONS:
-            candidates = [w for w in rotation if len(w.unacked) < self.window]
+            candidates = [w for w in rotation if len(w.unacked) < self.window
+                          and (w.paused_until is None or self._pause_over(w))]
             chosen = min(candidates, key=lambda w: w.load) if candidates else None  # min keeps the first of equals
         else:
             chosen = self._next_in_turn(rotation)
@@ -343,6 +349,8 @@ class Dispatcher:
     def _next_in_turn(self, rotation: List[WorkerSlot]) -> Optional[WorkerSlot]:
         now = None
         for worker in rotation:
+            if worker.paused_until is not None and not self._pause_over(worker):
+                continue  # a full channel, a reject: not offered anything until the pause is over
             if len(worker.unacked) < self.window:
                 return worker
             if worker.waited_out:
