@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reference prefork RPC server: the master accepts, hands each client socket to a worker "
         "over a Unix socketpair (SCM_RIGHTS) and keeps it until the worker acknowledges it.",
         epilog=f"Once every worker is up, one line is printed on stdout: '{READY_TAG} {{json}}' "
-        "with host, port, pid, workers, strategy and control.",
+        "with host, port, pid, workers, strategy, control and nofile (the descriptor limit, raised to the hard "
+        "limit at start).",
     )
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all interfaces)")
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="unacknowledged handoffs per worker before it is skipped (default: 4)")
     parser.add_argument("--max-pending", type=_positive_int, default=1024,
                         help="accepted connections waiting for a worker before accepting pauses (default: 1024)")
+    parser.add_argument("--heartbeat-timeout", type=_seconds_or_off, default=0.0, metavar="SECONDS",
+                        help="kill a worker that sends no heartbeat for this long, stuck in a handler say; its "
+                        "unacknowledged connections go to other workers (default: 0, off)")
     parser.add_argument("--backlog", type=_positive_int, default=1024, help="listen() backlog (default: 1024)")
     parser.add_argument("--handlers", action="append", default=[], metavar="MODULE[:NAME]",
                         help="add RPC methods from a dict of name -> callable (default NAME: HANDLERS); repeatable")
@@ -104,6 +108,7 @@ def parse_config(argv: Optional[List[str]] = None) -> Tuple[ServerConfig, argpar
         max_pending=args.max_pending, backlog=args.backlog, handlers=args.handlers, control=control,
         keepalive_timeout=args.keepalive_timeout, write_timeout=args.write_timeout,
         max_connections_per_worker=args.max_connections_per_worker, max_output_per_worker=args.max_output_per_worker,
+        heartbeat_timeout=args.heartbeat_timeout,
     )
     return config, args
 

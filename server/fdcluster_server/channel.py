@@ -7,7 +7,11 @@ a 9-byte header (kind, 64-bit argument) and an optional payload.
 master -> worker: HANDOFF (conn id, one fd attached), STATS (query id), DRAIN.
 worker -> master: READY, ACK (connections closed since the last report;
 payload: conn ids), REJECT (payload: conn ids), CLOSED (count), COUNTERS
-(query id, payload: JSON).
+(query id, payload: JSON), HEARTBEAT (with ``--heartbeat-timeout``).
+
+A record never exceeds ``MAX_RECORD``: id lists are split over several
+records.  One that does anyway arrives cut short (MSG_TRUNC) and ``receive``
+raises ``TruncatedRecord`` rather than yield a record with ids missing.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ ACK = 11
 REJECT = 12
 CLOSED = 13
 COUNTERS = 14
+HEARTBEAT = 15
 
 MAX_RECORD = 65536
+MAX_IDS = (MAX_RECORD - HEADER.size) // struct.calcsize(IDS)  # conn ids per record
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY = socket.CMSG_SPACE(4 * _FD_SIZE)  # room for strays, so extras are seen and closed
 # Plain ints: the socket module's flags are IntFlag members, and ``flags & MSG_CTRUNC``
@@ -41,7 +47,16 @@ _ANCILLARY = socket.CMSG_SPACE(4 * _FD_SIZE)  # room for strays, so extras are s
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _RECV_FLAGS = _CLOEXEC | int(getattr(socket, "MSG_DONTWAIT", 0))  # the worker's end blocks on send only
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
+_TRUNC = int(getattr(socket, "MSG_TRUNC", 0))
 SOCK_TYPE = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
+
+
+class TruncatedRecord(Exception):
+    """A record longer than ``MAX_RECORD`` arrived cut short: its sender is broken, and what it said is lost."""
+
+    def __init__(self, kind: int) -> None:
+        super().__init__(f"a channel record of kind {kind} longer than {MAX_RECORD} bytes was truncated")
+        self.kind = kind
 
 
 def socketpair() -> Tuple[socket.socket, socket.socket]:
@@ -93,11 +108,14 @@ class Channel:
 
     def send_ids(self, kind: int, ids: List[int]) -> None:
         # One record per batch keeps the master's wake-ups per loop, not per connection.
-        self.send(kind, len(ids), array.array(IDS, ids).tobytes())
+        for start in range(0, len(ids), MAX_IDS):
+            chunk = ids[start : start + MAX_IDS]
+            self.send(kind, len(chunk), array.array(IDS, chunk).tobytes())
 
     def send_ack(self, ids: List[int], closed: int) -> None:
         # Closes ride on the acknowledgement: in a connection storm the master reads one record per turn, not two.
-        self.send(ACK, closed, array.array(IDS, ids).tobytes())
+        for start in range(0, max(len(ids), 1), MAX_IDS):
+            self.send(ACK, closed if start == 0 else 0, array.array(IDS, ids[start : start + MAX_IDS]).tobytes())
 
     def send_json(self, kind: int, arg: int, obj: Any) -> None:
         self.send(kind, arg, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
@@ -109,6 +127,8 @@ class Channel:
         one on a record whose control data was truncated, is closed here so
         nothing leaks; a truncated HANDOFF is reported with ``truncated`` set
         and no fd, so the worker can reject it and the master hand it again.
+        A record cut short (longer than ``MAX_RECORD``) raises ``TruncatedRecord``
+        after its descriptors are closed; the records after it can still be read.
         """
         while True:
             try:
@@ -123,11 +143,14 @@ class Channel:
             truncated = bool(flags & _CTRUNC)
             for fd in fds:
                 os.set_inheritable(fd, False)  # where MSG_CMSG_CLOEXEC is missing
-            if truncated or len(data) < HEADER.size:
+            cut = flags & _TRUNC
+            if truncated or cut or len(data) < HEADER.size:
                 for fd in fds:
                     os.close(fd)
                 fds = []
             kind, arg = HEADER.unpack_from(data) if len(data) >= HEADER.size else (0, 0)
+            if cut:
+                raise TruncatedRecord(kind)
             for extra in fds[1:]:
                 os.close(extra)
             yield Record(kind, arg, bytes(data[HEADER.size :]), fds[0] if fds else None, truncated)

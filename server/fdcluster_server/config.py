@@ -60,3 +60,4 @@ class ServerConfig:
     handlers: List[str] = field(default_factory=list)
     control: Optional[str] = None  # a Unix socket path, "@name" for the abstract namespace
     respawn_backoff_max: float = 5.0
+    heartbeat_timeout: float = 0.0  # kill a worker silent for longer than this; 0: no watchdog

@@ -8,7 +8,15 @@ plus ``ack`` and ``reject`` for what the worker says back.
 Whoever holds a socket closes it: the dispatcher owns a pending socket until a
 worker acknowledges it, then closes the master's copy.  A socket whose worker
 died or rejected it goes back to the front of the queue, so no accepted
-connection is lost to a worker's death.
+connection is lost to a worker's death; a socket rejected ``REJECT_BUDGET``
+times is closed instead (counted in ``rejected_closed``), so a worker out of
+descriptors cannot bounce it forever.
+
+A worker that cannot take a socket now (full channel, a transient send error,
+a reject) is paused: passed over until ``paused_until``, or until the master
+sees its channel writable again and calls ``resume``.  The master calls
+``distribute_due`` every turn and sleeps no longer than ``next_deadline``;
+a deadline, once due, is cleared, so the loop never spins on one in the past.
 
 Pure: the channel (``HandoffSink``) and the socket (``AcceptedSocket``) are duck-typed, so the tests drive
 this module with fakes.
@@ -20,15 +28,24 @@ import bisect
 import errno
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Protocol
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Protocol, Tuple
 
 ROUND_ROBIN = "round-robin"
 LEAST_CONNECTIONS = "least-connections"
 SHARED_ACCEPT = "shared-accept"
 STRATEGIES = (ROUND_ROBIN, LEAST_CONNECTIONS, SHARED_ACCEPT)
 
-# A full channel means the worker is slow to drain it, not dead: try later.
-_RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
+# Only these send errors mean the worker is gone; anything else (ENOMEM, ETOOMANYREFS...) is retried
+# later, because a live worker may still hold, and serve, every socket it has not acknowledged yet.
+WORKER_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN))
+# A full channel: the master watches it for writability (``on_blocked``); this is the fallback retry.
+CHANNEL_FULL = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
+CHANNEL_RETRY = 0.5
+SEND_RETRY = 0.1  # after a transient send error other than a full channel
+REJECT_BUDGET = 3  # rejects of one socket before it is closed rather than handed again
+REJECT_PAUSE = 0.1  # a rejecting worker is not offered another socket for this long
+
+Pending = Tuple[int, "AcceptedSocket"]  # (conn id, socket) waiting for a worker
 
 
 class AcceptedSocket(Protocol):
@@ -51,7 +68,8 @@ class HandoffSink(Protocol):
 class WorkerSlot:
     """The master's view of one live worker, in the handoff rotation from READY to death."""
 
-    __slots__ = ("index", "pid", "channel", "unacked", "active", "handed", "acked", "rejected", "full_since")
+    __slots__ = ("index", "pid", "channel", "unacked", "active", "handed", "acked", "rejected", "full_since",
+                 "waited_out", "paused_until")
 
     def __init__(self, index: int, pid: int, channel: HandoffSink) -> None:
         self.index = index
@@ -63,6 +81,8 @@ class WorkerSlot:
         self.acked = 0
         self.rejected = 0
         self.full_since: Optional[float] = None  # when its window filled up; None while it has room
+        self.waited_out = False  # its full window's turn has expired and was passed over (round-robin)
+        self.paused_until: Optional[float] = None  # not offered a socket before this (full channel, reject)
 
     @property
     def load(self) -> int:
@@ -82,6 +102,7 @@ class Dispatcher:
         max_pending: int = 1024,
         skip_after: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        on_blocked: Callable[[int], None] = lambda index: None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -93,13 +114,18 @@ class Dispatcher:
         # under bursts), short enough that a frozen one stalls its queue only briefly.
         self.skip_after = skip_after
         self.clock = clock
+        # Called with a worker's index when its channel is full: the master then watches it for
+        # writability and calls ``resume``, so the socket left pending goes out as soon as it drains.
+        self.on_blocked = on_blocked
         self.workers: Dict[int, WorkerSlot] = {}  # index -> slot: all live workers
         self._order: List[int] = []  # their indexes, sorted: the rotation (kept by add and remove)
-        self.pending: Deque[tuple] = deque()  # (conn_id, connection) waiting for a worker
+        self.pending: Deque[Pending] = deque()
+        self._rejects: Dict[int, int] = {}  # conn id -> rejects so far, for sockets rejected at least once
         self._cursor = 0  # round-robin position, as a worker index
         self._next_id = 0
         self.accepted = 0
         self.redistributed = 0
+        self.rejected_closed = 0
 
     # -- the four verbs ---------------------------------------------------------
 
@@ -142,8 +168,8 @@ class Dispatcher:
             if worker is None:
                 return  # every worker's window is full (or none is alive): wait for acks
             conn_id, pending = self.pending.popleft()
-            if not self.handoff(worker, conn_id, pending):
-                return  # the channel is full: try again after the next ack
+            # A failed send requeued the socket and paused (or removed) that worker: the next pick skips it.
+            self.handoff(worker, conn_id, pending)
 
     def handoff(self, worker: WorkerSlot, conn_id: int, conn: AcceptedSocket) -> bool:
         """Send one socket to ``worker``; keep the master's copy until it is acknowledged.
@@ -154,15 +180,48 @@ class Dispatcher:
             worker.channel.send_handoff(conn_id, conn.fileno())
         except OSError as exc:
             self.pending.appendleft((conn_id, conn))
-            if exc.errno not in _RETRY_LATER:
-                # EPIPE/ECONNRESET: the worker is dying; SIGCHLD will confirm it.
-                self.remove(worker.index)
+            if exc.errno in WORKER_GONE:
+                self.remove(worker.index)  # SIGCHLD will confirm it; its unacknowledged sockets are requeued
+            elif exc.errno in CHANNEL_FULL:
+                self.pause(worker, CHANNEL_RETRY)
+                self.on_blocked(worker.index)
+            else:
+                self.pause(worker, SEND_RETRY)  # transient (ENOMEM, ETOOMANYREFS...): the worker keeps its sockets
             return False
         worker.unacked[conn_id] = conn
         worker.handed += 1
         if len(worker.unacked) >= self.window and worker.full_since is None:
             worker.full_since = self.clock()
         return True
+
+    def pause(self, worker: WorkerSlot, seconds: float) -> None:
+        """Offer ``worker`` nothing for ``seconds`` (or until ``resume``)."""
+        worker.paused_until = self.clock() + seconds
+
+    def resume(self, index: int) -> None:
+        """The master saw worker ``index``'s channel writable again: offer it sockets at once."""
+        worker = self.workers.get(index)
+        if worker is None:
+            return  # removed meanwhile
+        worker.paused_until = None
+        self.distribute()
+
+    def distribute_due(self) -> None:
+        """Hand out what waits on a pause or a round-robin turn that has run out; the loop calls this every turn."""
+        if not self.pending:
+            return  # nothing waits
+        now = self.clock()
+        due = False
+        for worker in self.workers.values():
+            if worker.paused_until is not None and worker.paused_until <= now:
+                worker.paused_until = None
+                due = True
+            if (self.strategy == ROUND_ROBIN and worker.full_since is not None and not worker.waited_out
+                    and now - worker.full_since >= self.skip_after):
+                worker.waited_out = True  # passed over from now on; its deadline is no longer a deadline
+                due = True
+        if due:
+            self.distribute()
 
     # -- what workers say back --------------------------------------------------
 
@@ -178,22 +237,38 @@ class Dispatcher:
             conn.close()
             worker.acked += 1
             worker.active += 1
+        if self._rejects:
+            for conn_id in conn_ids:
+                self._rejects.pop(conn_id, None)
         if len(worker.unacked) < self.window:
-            worker.full_since = None
+            self._has_room(worker)
         self.distribute()
 
     def reject(self, index: int, conn_ids: Iterable[int]) -> None:
-        """The worker could not take these sockets (a truncated control message): hand them again."""
+        """The worker could not take these sockets (out of descriptors, a truncated message).
+
+        Each goes back to the front of the queue, or is closed once rejected
+        ``REJECT_BUDGET`` times; the worker is not offered another for ``REJECT_PAUSE``.
+        """
         worker = self.workers.get(index)
         if worker is None:
             return  # its unacked sockets were requeued when it was removed
         for conn_id in conn_ids:
             conn = worker.unacked.pop(conn_id, None)
-            if conn is not None:
-                worker.rejected += 1
+            if conn is None:
+                continue  # unknown id: never ours
+            worker.rejected += 1
+            rejects = self._rejects.get(conn_id, 0) + 1
+            if rejects >= REJECT_BUDGET:
+                del self._rejects[conn_id]
+                conn.close()
+                self.rejected_closed += 1
+            else:
+                self._rejects[conn_id] = rejects
                 self.pending.appendleft((conn_id, conn))
         if len(worker.unacked) < self.window:
-            worker.full_since = None
+            self._has_room(worker)
+        self.pause(worker, REJECT_PAUSE)
         self.distribute()
 
     def closed(self, index: int, count: int) -> None:
@@ -217,11 +292,17 @@ class Dispatcher:
         return len(self.pending) + sum(len(w.unacked) for w in self.workers.values())
 
     def next_deadline(self) -> Optional[float]:
-        """When a waiting round-robin turn expires (the caller calls ``distribute`` then), if ever."""
-        if not self.pending or self.strategy != ROUND_ROBIN:
+        """When a pause or a waited-for round-robin turn ends, if any holds back a pending socket.
+
+        The caller calls ``distribute_due`` then; a due deadline is cleared by it, never returned twice.
+        """
+        if not self.pending:
             return None
-        stalled = [w.full_since for w in self.workers.values() if w.full_since is not None]
-        return min(stalled) + self.skip_after if stalled else None
+        deadlines = [w.paused_until for w in self.workers.values() if w.paused_until is not None]
+        if self.strategy == ROUND_ROBIN:
+            deadlines += [w.full_since + self.skip_after for w in self.workers.values()
+                          if w.full_since is not None and not w.waited_out]
+        return min(deadlines) if deadlines else None
 
     def close_all(self) -> None:
         """Close every socket the master still holds (fast shutdown)."""
@@ -231,6 +312,20 @@ class Dispatcher:
             for conn in worker.unacked.values():
                 conn.close()
             worker.unacked.clear()
+        self._rejects.clear()
+
+    def _pause_over(self, worker: WorkerSlot) -> bool:
+        """True (and the pause forgotten) once ``worker``'s pause has run out."""
+        assert worker.paused_until is not None
+        if self.clock() < worker.paused_until:
+            return False
+        worker.paused_until = None
+        return True
+
+    @staticmethod
+    def _has_room(worker: WorkerSlot) -> None:
+        worker.full_since = None
+        worker.waited_out = False
 
     def _pick(self) -> Optional[WorkerSlot]:
         """The worker to hand the next socket to, or None if none can take one."""
@@ -242,7 +337,8 @@ class Dispatcher:
         workers = self.workers
         rotation = [workers[i] for i in order[start:] + order[:start]]
         if self.strategy == LEAST_CONNECTIONS:
-            candidates = [w for w in rotation if len(w.unacked) < self.window]
+            candidates = [w for w in rotation if len(w.unacked) < self.window
+                          and (w.paused_until is None or self._pause_over(w))]
             chosen = min(candidates, key=lambda w: w.load) if candidates else None  # min keeps the first of equals
         else:
             chosen = self._next_in_turn(rotation)
@@ -253,10 +349,15 @@ class Dispatcher:
     def _next_in_turn(self, rotation: List[WorkerSlot]) -> Optional[WorkerSlot]:
         now = None
         for worker in rotation:
+            if worker.paused_until is not None and not self._pause_over(worker):
+                continue  # a full channel, a reject: not offered anything until the pause is over
             if len(worker.unacked) < self.window:
                 return worker
+            if worker.waited_out:
+                continue  # its turn expired already: passed over until it acknowledges
             now = self.clock() if now is None else now
             assert worker.full_since is not None  # set whenever its window is full
             if now - worker.full_since < self.skip_after:
                 return None  # its acknowledgement is probably on the way: keep its turn
+            worker.waited_out = True
         return None  # every worker is full

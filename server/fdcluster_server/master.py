@@ -2,11 +2,20 @@
 
 One class with a short loop, after gunicorn's Arbiter.  Signal handlers only
 queue the signal; the loop runs ``handle_<name>`` for each (``handle_term``,
-``handle_int``, ``handle_quit``, ``handle_chld``), then reaps, respawns and
-dispatches.  One ``Slot`` per worker index outlives the processes that fill
-it.  The listening socket lives in ``acceptor.Acceptor``, the handoff
-bookkeeping in ``dispatch.Dispatcher``, the control socket in
-``control.ControlServer``; this module supervises and moves the records.
+``handle_hup``, ``handle_int``, ``handle_quit``, ``handle_chld``), then reaps,
+respawns and dispatches.  Those signals are blocked across ``fork()``, so one
+sent to a new worker waits until the worker's own handlers are installed.
+
+Respawns back off while a slot's workers keep dying young (``lifecycle.STABLE_LIFETIME``),
+and a spawn that fails (out of descriptors, say) counts as such a death: the
+slot stays empty and is retried.  At start the soft RLIMIT_NOFILE is raised to
+the hard limit (the ready line's ``nofile``).  With ``--heartbeat-timeout`` a
+worker silent for longer is SIGKILLed, and its unacknowledged sockets requeued.
+
+One ``lifecycle.Slot`` per worker index outlives the processes that fill it.  The
+listening socket lives in ``acceptor.Acceptor``, the handoff bookkeeping in
+``dispatch.Dispatcher``, the control socket in ``control.ControlServer``; this
+module supervises and moves the records.
 """
 
 from __future__ import annotations
@@ -19,67 +28,35 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Set
 
 from . import channel as ch
-from . import signals
+from . import lifecycle, signals
 from .acceptor import Acceptor
 from .config import EXIT_OK, EXIT_STARTUP_FAILED, EXIT_WORKER_CRASHED, READY_TAG, ServerConfig
 from .control import ControlServer, ControlSocketError
 from .dispatch import SHARED_ACCEPT, Dispatcher, WorkerSlot
 from .handlers import Handler
+from .lifecycle import Process, Slot, Watchdog, describe_status
 from .worker import Worker, close_inherited_fds
 
 log = logging.getLogger("fdcluster.master")
 
-QUICK_DEATH = 1.0  # a worker dying sooner than this after its start counts as a crash loop
 FAST_STOP_TIMEOUT = 1.0
 GRACEFUL, FAST = "graceful", "fast"  # values of Master.stopping, as stats reports them
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)  # each by Master.handle_<name>
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT,
+                   signal.SIGCHLD)  # each by Master.handle_<name>
 _READ = selectors.EVENT_READ
-
-
-def describe_status(status: int) -> str:
-    """'killed by SIGKILL' or 'exited with code 3', for log lines and tests alike."""
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with code {os.WEXITSTATUS(status)}"
-
-
-class Process:
-    """The master's record of one worker process, from fork to reaping."""
-
-    __slots__ = ("index", "pid", "channel", "started", "ready")
-
-    def __init__(self, index: int, pid: int, channel: ch.Channel, started: float) -> None:
-        self.index = index
-        self.pid = pid
-        self.channel: Optional[ch.Channel] = channel
-        self.started = started
-        self.ready = False
-
-
-@dataclass
-class Slot:
-    """One worker index, across the successive processes that fill it.
-
-    Not ``dispatch.WorkerSlot``, which is a live worker's place in the handoff rotation.
-    """
-
-    index: int
-    process: Optional[Process] = None  # None from its process's reaping to the next spawn
-    respawn_at: Optional[float] = None  # when the next process is due, while one is scheduled
-    quick_deaths: int = 0  # deaths in a row, each within QUICK_DEATH of its process's start
-    respawns: int = 0
+_READ_WRITE = selectors.EVENT_READ | selectors.EVENT_WRITE
 
 
 class Master:
     """Supervisor of the workers, owner of the listening socket and the control socket.
 
     Signals, each handled in the loop by ``handle_<name>``: SIGTERM stops
-    gracefully; SIGINT stops at once; SIGQUIT stops at once too, as SIGINT;
-    SIGCHLD reaps.
+    gracefully; SIGHUP stops gracefully too, as SIGTERM (there is no
+    configuration to reload, and a hang-up must not drop requests in flight);
+    SIGINT stops at once; SIGQUIT stops at once too, as SIGINT; SIGCHLD reaps.
     """
 
     def __init__(self, config: ServerConfig, handlers: Dict[str, Handler]) -> None:
@@ -87,13 +64,18 @@ class Master:
         self.handlers = handlers
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
-        self.dispatcher = Dispatcher(config.strategy, config.handoff_window, config.max_pending)
+        self.dispatcher = Dispatcher(config.strategy, config.handoff_window, config.max_pending,
+                                     on_blocked=self.watch_blocked_channel)
         self.acceptor = Acceptor(self.selector, self.dispatcher, self.pid)
         self.control = ControlServer(self.selector, self)
         self.signals = signals.SignalQueue()
         self.processes: Dict[int, Process] = {}  # pid -> process, until reaped
         self.slots: Dict[int, Slot] = {index: Slot(index) for index in range(config.workers)}
         self.deaths = 0
+        self.spawn_failures = 0
+        self.heartbeat_kills = 0
+        self.watchdog = Watchdog(config.heartbeat_timeout)
+        self.nofile = 0
         self.stopping: Optional[str] = None  # GRACEFUL or FAST
         self.stop_deadline = 0.0
         self.drain_sent = False
@@ -115,6 +97,7 @@ class Master:
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.host, self.config.port, exc.strerror or exc)
             return EXIT_STARTUP_FAILED
+        self.nofile = lifecycle.raise_nofile_limit()
         self.install_signals()
         try:
             self.control.open(self.config.control, self.pid)
@@ -129,19 +112,23 @@ class Master:
                 key.data(mask)
             self.handle_signals()
             if self.stopping:
+                if self.stopping == GRACEFUL:
+                    self.dispatcher.distribute_due()
                 if self.step_shutdown():
                     return EXIT_OK
                 continue
             self.reap_workers()
             self.respawn_due_workers()
-            self.pass_expired_turn()
+            self.dispatcher.distribute_due()
+            self.kill_silent_workers()
             self.announce_ready()
             self.manage_accepting()
             self.control.expire_queries()
 
     def next_timeout(self) -> float:
         deadlines = [slot.respawn_at for slot in self.slots.values() if slot.respawn_at is not None]
-        for deadline in (self.control.next_deadline(), self.dispatcher.next_deadline()):
+        for deadline in (self.control.next_deadline(), self.dispatcher.next_deadline(), self.acceptor.resume_at(),
+                         None if self.stopping else self.watchdog.deadline(self.live_processes())):
             if deadline is not None:
                 deadlines.append(deadline)
         if self.stopping:
@@ -161,15 +148,19 @@ class Master:
         """A worker died: reap it (and any other dead child) at once."""
         self.reap_workers()
 
-    def handle_term(self) -> None:
+    def handle_term(self, name: str = "SIGTERM") -> None:
         """Graceful stop: no new clients; workers finish what is in flight."""
         if self.stopping:
             return  # already stopping: a fast stop is never slowed down to a graceful one
-        log.info("master %d: SIGTERM, draining (grace %.1f s)", self.pid, self.config.graceful_timeout)
+        log.info("master %d: %s, draining (grace %.1f s)", self.pid, name, self.config.graceful_timeout)
         self.stopping = GRACEFUL
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         self.acceptor.close()
         self.cancel_respawns()
+
+    def handle_hup(self) -> None:
+        """SIGHUP: a graceful stop, the same as SIGTERM."""
+        self.handle_term("SIGHUP")
 
     def handle_int(self) -> None:
         """Fast stop: close everything, workers exit at once."""
@@ -211,9 +202,24 @@ class Master:
         return (slot.process for slot in self.slots.values() if slot.process is not None)
 
     def spawn_worker(self, index: int) -> None:
-        master_end, worker_end = ch.socketpair()
+        """Fork worker ``index``; if that fails (out of descriptors, say), retry later as after a quick death."""
+        try:
+            master_end, worker_end = ch.socketpair()
+        except OSError as exc:
+            self.spawn_failed(index, exc)
+            return
         listener = self.acceptor.sock if self.config.strategy == SHARED_ACCEPT else None
-        pid = os.fork()
+        # Blocked across fork: a signal sent to the new worker waits until its own handlers are installed
+        # (SignalQueue.install unblocks them), instead of reaching the master's handlers copied into it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            master_end.close()
+            worker_end.close()
+            self.spawn_failed(index, exc)
+            return
         if pid == 0:  # the child: never returns into the master's code
             code = EXIT_WORKER_CRASHED
             try:
@@ -227,12 +233,20 @@ class Master:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         worker_end.close()
         process = Process(index, pid, ch.Channel(master_end), time.monotonic())
         self.processes[pid] = process
         self.slots[index].process = process
-        self.selector.register(master_end, _READ, lambda mask, p=process: self.read_channel(p))
+        self.selector.register(master_end, _READ, lambda mask, p=process: self.channel_event(p, mask))
         log.info("worker %d: started, pid %d", index, pid)
+
+    def spawn_failed(self, index: int, exc: OSError) -> None:
+        """A worker could not be started: the slot stays empty, retried after a back-off as for a quick death."""
+        self.spawn_failures += 1
+        slot = self.slots[index]
+        delay = self.delay_respawn(slot, stable=False, minimum=lifecycle.BACKOFF_BASE)  # at once: the same failure
+        log.error("worker %d: cannot start: %s; retrying in %.2f s", index, exc.strerror or exc, delay)
 
     def reap_workers(self) -> None:
         """Collect every dead child, so none stays a zombie, and arrange its replacement."""
@@ -272,17 +286,19 @@ class Master:
         self.control.worker_lost(process.index)
 
     def schedule_respawn(self, process: Process) -> None:
-        """Replace a dead worker: at once, or after a back-off growing with its quick deaths in a row."""
+        """Replace a dead worker: at once, or after a back-off growing with its slot's deaths in a row."""
         slot = self.slots[process.index]
-        if time.monotonic() - process.started < QUICK_DEATH:
-            slot.quick_deaths += 1
-        else:
-            slot.quick_deaths = 0
-        crashes = slot.quick_deaths
-        delay = 0.0 if crashes <= 1 else min(self.config.respawn_backoff_max, 0.05 * 2 ** crashes)
+        delay = self.delay_respawn(slot, stable=time.monotonic() - process.started >= lifecycle.STABLE_LIFETIME)
         if delay:
-            log.warning("worker %d: %d quick deaths in a row, respawning in %.2f s", slot.index, crashes, delay)
+            log.warning("worker %d: %d deaths in a row, each within %.0f s of its start; respawning in %.2f s",
+                        slot.index, slot.deaths_in_row, lifecycle.STABLE_LIFETIME, delay)
+
+    def delay_respawn(self, slot: Slot, stable: bool, minimum: float = 0.0) -> float:
+        """Count one more death of ``slot`` (a first one if its process was ``stable``); schedule; return the delay."""
+        slot.deaths_in_row = 1 if stable else slot.deaths_in_row + 1
+        delay = lifecycle.respawn_delay(slot.deaths_in_row, self.config.respawn_backoff_max, minimum)
         slot.respawn_at = time.monotonic() + delay
+        return delay
 
     def respawn_due_workers(self) -> None:
         now = time.monotonic()
@@ -314,11 +330,27 @@ class Master:
 
     # -- channels ---------------------------------------------------------------------
 
+    def channel_event(self, process: Process, mask: int) -> None:
+        """A worker's channel is readable (records), or writable again after a handoff found it full."""
+        if mask & selectors.EVENT_WRITE and process.channel is not None:
+            self.selector.modify(process.channel.sock, _READ, lambda m, p=process: self.channel_event(p, m))
+            self.dispatcher.resume(process.index)
+        if mask & _READ:
+            self.read_channel(process)
+
+    def watch_blocked_channel(self, index: int) -> None:
+        """The dispatcher found worker ``index``'s channel full: wake up when it drains (``channel_event``)."""
+        process = self.slots[index].process
+        if process is None or process.channel is None:
+            return  # gone meanwhile: its sockets are requeued on reaping
+        self.selector.modify(process.channel.sock, _READ_WRITE, lambda m, p=process: self.channel_event(p, m))
+
     def read_channel(self, process: Process) -> None:
         channel = process.channel
         if channel is None:
             return  # lost already: its records were read then
         index = process.index
+        process.heard = time.monotonic()
         try:
             for record in channel.receive():
                 kind = record.kind
@@ -339,6 +371,26 @@ class Master:
                     os.close(record.fd)  # workers never send descriptors; never keep a stray one
         except EOFError:
             self.lose_worker(process)
+        except ch.TruncatedRecord as exc:
+            # What it said is lost (acknowledged ids, say): SIGCHLD then requeues what it never acknowledged.
+            log.error("worker %d (pid %d): %s; killing it", index, process.pid, exc)
+            self.kill_worker(process)
+
+    def kill_worker(self, process: Process) -> None:
+        """SIGKILL a worker the master gave up on; reaping it requeues its unacknowledged sockets."""
+        process.killed = True
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # dead already, waiting to be reaped
+
+    def kill_silent_workers(self) -> None:
+        """The watchdog: SIGKILL each worker silent for longer than ``--heartbeat-timeout`` (stuck in a handler)."""
+        for process in self.watchdog.overdue(self.live_processes()):
+            log.error("worker %d (pid %d): no heartbeat for %.1f s (limit %g s); killing it",
+                      process.index, process.pid, time.monotonic() - process.heard, self.watchdog.timeout)
+            self.heartbeat_kills += 1
+            self.kill_worker(process)
 
     def _send(self, process: Process, kind: int, arg: int = 0) -> None:
         if process.channel is None:
@@ -355,12 +407,6 @@ class Master:
         if self.config.strategy != SHARED_ACCEPT:
             self.acceptor.set_accepting(not self.dispatcher.full)
 
-    def pass_expired_turn(self) -> None:
-        """Round-robin: a stalled worker's turn has expired, pass it over."""
-        turn = self.dispatcher.next_deadline()
-        if turn is not None and turn <= self.dispatcher.clock():
-            self.dispatcher.distribute()
-
     def announce_ready(self) -> None:
         """Print the one readiness line, once every worker is up."""
         if self.announced or len(self.dispatcher.workers) < self.config.workers:
@@ -374,6 +420,7 @@ class Master:
             "workers": [process.pid for process in self.live_processes()],
             "strategy": self.config.strategy,
             "control": self.control.address,
+            "nofile": self.nofile,
         }
         sys.stdout.write(f"{READY_TAG} {json.dumps(info)}\n")
         sys.stdout.flush()
@@ -407,7 +454,8 @@ class Master:
             workers.append(entry)
         d = self.dispatcher
         master = {"pid": self.pid, "strategy": self.config.strategy, "accepted": d.accepted, "pending": len(d.pending),
-                  "held": d.held, "redistributed": d.redistributed, "deaths": self.deaths,
+                  "held": d.held, "redistributed": d.redistributed, "rejected_closed": d.rejected_closed,
+                  "deaths": self.deaths, "spawn_failures": self.spawn_failures, "heartbeat_kills": self.heartbeat_kills,
                   "respawns": sum(slot.respawns for slot in self.slots.values()), "stopping": self.stopping}
         return {"master": master, "workers": workers}
 

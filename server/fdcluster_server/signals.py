@@ -77,7 +77,13 @@ class SignalQueue:
         self._queue: List[int] = []
 
     def install(self, queued: Iterable[int], default: Iterable[int] = (), ignored: Iterable[int] = ()) -> int:
-        """Queue ``queued``, reset ``default`` to SIG_DFL, ignore ``ignored``; returns the wake-up fd."""
+        """Queue ``queued``, reset ``default`` to SIG_DFL, ignore ``ignored``, then unblock them all.
+
+        Returns the wake-up fd.  The master blocks its signals across ``fork()``; a new worker
+        unblocks them here, once its own handlers are in place, and only then receives any sent
+        to it meanwhile.
+        """
+        queued, default, ignored = list(queued), list(default), list(ignored)
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
         os.set_blocking(write_end, False)
@@ -89,6 +95,7 @@ class SignalQueue:
             signal.signal(signum, signal.SIG_DFL)
         for signum in ignored:
             signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, queued + default + ignored)
         return read_end
 
     def _enqueue(self, signum: int, frame: Any) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from . import channel as ch
 from . import protocol, signals
+from .acceptor import OUT_OF_RESOURCES, AcceptBackoff
 from .config import EXIT_MASTER_GONE, EXIT_OK, ServerConfig, connection_cap
 from .handlers import OUT_OK, Handler, Reply
 
@@ -108,6 +109,9 @@ class Worker:
         self.signals = signals.SignalQueue()
         timeouts = [t for t in (config.idle_timeout, config.keepalive_timeout, config.write_timeout) if t > 0]
         self._scan_interval = max(0.02, min([0.25] + [t / 4 for t in timeouts]))
+        if config.heartbeat_timeout:
+            self._scan_interval = min(self._scan_interval, config.heartbeat_timeout / 4)  # a heartbeat per scan
+        self.accept_backoff = AcceptBackoff(f"worker {index}", log)
         self.master_gone = False
         self.max_connections = connection_cap(config.max_connections_per_worker)
         self.listener_paused = False  # shared-accept at the connection cap: the listener is out of the selector
@@ -170,6 +174,10 @@ class Worker:
                 if os.getppid() != self.master_pid:
                     return EXIT_MASTER_GONE  # orphaned where PR_SET_PDEATHSIG is missing
                 self.expire(now)
+                if self.config.heartbeat_timeout:
+                    self.send_heartbeat()
+                if self.listener is not None and self.accept_backoff.resume_at and not self.accept_backoff.paused():
+                    self.selector.register(self.listener, _READ, "listener")  # the pause for descriptors is over
             if self.draining and not self.connections:
                 return EXIT_OK
 
@@ -229,6 +237,13 @@ class Worker:
         except OSError:
             self.master_gone = self.stop_now = True  # a report refused: the master is gone
 
+    def send_heartbeat(self) -> None:
+        """Tell the master this loop still turns (its watchdog kills a worker stuck in a handler)."""
+        try:
+            self.channel.send(ch.HEARTBEAT)
+        except OSError:
+            self.stop_now = True  # the master is gone; the channel EOF confirms it next turn
+
     def snapshot_counters(self) -> Dict[str, Any]:
         counters = dict(self.counters)
         counters.update(index=self.index, pid=os.getpid(), active=len(self.connections), draining=self.draining,
@@ -265,10 +280,13 @@ class Worker:
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up in the backlog
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.warning("worker %d: out of descriptors accepting: %s", self.index, exc)
+                if exc.errno in OUT_OF_RESOURCES:
+                    # Level-triggered: a listener left registered would wake this loop at once, forever.
+                    self.accept_backoff.failed(exc)
+                    self.selector.unregister(listener)
                     return
                 raise
+            self.accept_backoff.succeeded()
             self.adopt(sock)
 
     def read(self, conn: Connection) -> None:
@@ -519,8 +537,8 @@ class Worker:
         self.draining = True
         self.drain_started = time.monotonic()
         if self.listener is not None:
-            if not self.listener_paused:
-                self.selector.unregister(self.listener)
+            if not self.listener_paused and self.accept_backoff.resume_at is None:
+                self.selector.unregister(self.listener)  # registered unless paused (connection cap, descriptors)
             self.listener.close()
             self.listener = None
         self.expire(self.drain_started)

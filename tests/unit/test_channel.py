@@ -63,3 +63,22 @@ def test_ids_round_trip_and_eof(pair):
     worker.close()
     with pytest.raises(EOFError):
         list(master.receive())
+
+
+def test_record_over_max_record_raises_and_the_next_one_still_arrives(pair):
+    master, worker = pair
+    worker.sock.send(ch.HEADER.pack(ch.ACK, 0) + bytes(ch.MAX_RECORD + 1024))  # ids the master would lose
+    worker.send_ids(ch.ACK, [5])
+    with pytest.raises(ch.TruncatedRecord, match="kind 11"):
+        list(master.receive())
+    (record,) = list(master.receive())
+    assert record.kind == ch.ACK and record.ids() == [5]
+
+
+def test_long_id_lists_are_split_into_records_that_fit(pair):
+    master, worker = pair
+    ids = list(range(1, 3 * ch.MAX_IDS))
+    worker.send_ack(ids, closed=7)
+    records = list(master.receive())
+    assert [r.ids() for r in records] == [ids[i:i + ch.MAX_IDS] for i in range(0, len(ids), ch.MAX_IDS)]
+    assert [r.arg for r in records] == [7, 0, 0], "the closed count must be reported once"

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from fdcluster_server import dispatch
 from fdcluster_server.dispatch import LEAST_CONNECTIONS, ROUND_ROBIN, Dispatcher, WorkerSlot
 
 
@@ -26,7 +27,7 @@ class FakeConn:
 class FakeChannel:
     def __init__(self, fail=None):
         self.sent = []
-        self.fail = fail
+        self.fail = fail  # an errno every send raises, until cleared
 
     def send_handoff(self, conn_id, fd):
         if self.fail:
@@ -101,6 +102,19 @@ class TestRoundRobin:
         ack_all(d)
         assert [w.handed for w in d.workers.values()] == [4, 4, 4]
 
+    def test_a_stalled_turn_once_passed_over_is_no_longer_a_deadline(self):
+        # The loop sleeps until next_deadline(): one left in the past made it select(0) in a busy loop.
+        clock = FakeClock()
+        d = cluster(1, window=1, clock=clock)
+        d.distribute(FakeConn(0))  # fills worker 0's window; it never acknowledges (frozen)
+        d.distribute(FakeConn(1))  # waits for worker 0's turn
+        clock.now += d.skip_after
+        d.distribute_due()
+        deadline = d.next_deadline()
+        assert deadline is None or deadline > clock.now, (
+            f"worker 0 stays full and pending={len(d.pending)}, yet next_deadline() is {deadline}, "
+            f"not after now={clock.now}: the master's loop would spin")
+
     def test_no_free_worker_queues_until_an_ack(self):
         d = cluster(1, window=1)
         d.distribute(FakeConn(0))
@@ -142,12 +156,78 @@ class TestWorkerDeath:
         d.distribute(FakeConn(0))
         assert 0 in d.workers and len(d.pending) == 1
 
+    def test_full_channel_pauses_that_worker_and_hands_the_socket_to_another(self):
+        blocked = []
+        d = Dispatcher(ROUND_ROBIN, clock=FakeClock(), on_blocked=blocked.append)
+        full = FakeChannel(fail=errno.EAGAIN)
+        d.add(WorkerSlot(0, 1, full))
+        d.add(WorkerSlot(1, 2, FakeChannel()))
+        d.distribute(FakeConn(0))
+        assert list(d.workers[1].unacked) == [1], "the socket stayed pending after worker 0's channel was full"
+        assert blocked == [0], "the master was not asked to watch worker 0's channel for writability"
+        full.fail = None
+        d.distribute(FakeConn(1))
+        assert list(d.workers[1].unacked) == [1, 2], "a paused worker was offered a socket before it drained"
+        d.resume(0)  # the master saw its channel writable
+        d.distribute(FakeConn(2))
+        assert list(d.workers[0].unacked) == [3]
+
+    def test_full_channel_of_the_only_worker_retries_when_it_drains(self):
+        d = Dispatcher(ROUND_ROBIN, clock=FakeClock())
+        full = FakeChannel(fail=errno.EAGAIN)
+        d.add(WorkerSlot(0, 1, full))
+        d.distribute(FakeConn(0))
+        assert len(d.pending) == 1 and d.next_deadline() is not None, "nothing would retry the pending socket"
+        full.fail = None
+        d.resume(0)
+        assert list(d.workers[0].unacked) == [1] and not d.pending
+
+    @pytest.mark.parametrize("error", [errno.ENOMEM, errno.ETOOMANYREFS, errno.ENOBUFS],
+                             ids=["ENOMEM", "ETOOMANYREFS", "ENOBUFS"])
+    def test_transient_send_error_keeps_the_worker_and_its_unacknowledged_sockets(self, error):
+        clock = FakeClock()
+        d = cluster(2, window=8, clock=clock)
+        d.distribute(FakeConn(0))  # conn 1: in worker 0's queue, not acknowledged yet
+        d.distribute(FakeConn(1))  # conn 2: worker 1
+        d.workers[0].channel.fail = error
+        d.distribute(FakeConn(2))  # conn 3: worker 0's turn, and its send fails
+        assert 0 in d.workers, f"{errno.errorcode[error]} on send retired a live worker"
+        assert 1 in d.workers[0].unacked and 1 not in d.workers[1].unacked, (
+            "conn 1, still in worker 0's queue, was handed to worker 1 too: two workers would serve one client")
+        d.workers[0].channel.fail = None
+        clock.now += dispatch.SEND_RETRY
+        d.distribute_due()
+        assert 3 in d.workers[0].unacked or 3 in d.workers[1].unacked, "the failed socket was never sent again"
+
     def test_rejected_socket_is_handed_again(self):
         d = cluster(2)
         d.distribute(FakeConn(0))
         d.reject(0, [1])
         assert d.workers[0].rejected == 1
         assert 1 in d.workers[1].unacked
+
+    def test_rejecting_worker_is_not_offered_the_socket_again_at_once(self):
+        clock = FakeClock()
+        d = cluster(1, clock=clock)
+        d.distribute(FakeConn(0))
+        d.reject(0, [1])
+        assert not d.workers[0].unacked and len(d.pending) == 1, "the rejected socket went straight back to worker 0"
+        clock.now += dispatch.REJECT_PAUSE
+        d.distribute_due()
+        assert list(d.workers[0].unacked) == [1]
+
+    def test_socket_rejected_reject_budget_times_is_closed_and_counted(self):
+        clock = FakeClock()
+        d = cluster(1, clock=clock)
+        conn = FakeConn(0)
+        d.distribute(conn)
+        for attempt in range(dispatch.REJECT_BUDGET):
+            assert 1 in d.workers[0].unacked, f"attempt {attempt}: conn 1 not handed to worker 0"
+            d.reject(0, [1])
+            clock.now += dispatch.REJECT_PAUSE
+            d.distribute_due()
+        assert conn.closed and d.rejected_closed == 1, f"rejected {dispatch.REJECT_BUDGET} times, still held"
+        assert d.held == 0 and not d.pending
 
     def test_late_ack_from_removed_worker_is_ignored(self):
         d = cluster(2)
