@@ -203,7 +203,9 @@ class ReferenceRoundRobin:
         self.now = 0.0
         self.owners: Dict[int, int] = {}
         self.full = [False]
-        self.dispatcher = Dispatcher(ROUND_ROBIN, window=4, max_pending=4096, skip_after=0.2, clock=lambda: self.now)
+        self.blocked: List[int] = []  # channels that refused a handoff: writable again at the next tick
+        self.dispatcher = Dispatcher(ROUND_ROBIN, window=4, max_pending=4096, skip_after=0.2, clock=lambda: self.now,
+                                     on_blocked=self.blocked.append)
         for i in range(k):
             self.dispatcher.add(WorkerSlot(i, 100 + i, _Channel(i, self.owners, self.full)))
         self.served = 0
@@ -211,12 +213,12 @@ class ReferenceRoundRobin:
     def tick(self, stalled: int = -1) -> None:
         self.now += 0.001
         d = self.dispatcher
+        while self.blocked:  # the master's loop sees the drained channel writable and resumes that worker
+            d.resume(self.blocked.pop())
         for worker in list(d.workers.values()):
             if worker.index != stalled and worker.unacked:
                 d.ack(worker.index, list(worker.unacked))
-        deadline = d.next_deadline()
-        if deadline is not None and self.now >= deadline:
-            d.distribute()
+        d.distribute_due()  # as the master's loop does every turn
 
     def burst(self, size: int, rng: random.Random, stall: bool, skip: bool) -> List[int]:
         """``size`` connections arriving 1 ms apart; returns their owners once every one is acknowledged."""
