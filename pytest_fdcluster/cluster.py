@@ -129,6 +129,7 @@ class Cluster:
 
     def worker_pid(self, worker: WorkerRef) -> int:
         """A worker's pid from its pid, its index among live workers, or its label ('worker 1')."""
+        __tracebackhide__ = True
         workers = self.workers
         if isinstance(worker, str):
             by_label = {label: pid for pid, label in self.labels().items()}
@@ -336,6 +337,7 @@ class Cluster:
         return result
 
     def _signal(self, pid: int, sig: int) -> None:
+        __tracebackhide__ = True
         try:
             psutil.Process(pid).send_signal(sig)
         except psutil.NoSuchProcess:
