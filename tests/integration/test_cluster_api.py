@@ -30,6 +30,11 @@ STUBBORN = REPO_ROOT / "tests" / "plugin" / "stubborn_target.py"
 #: Bound on every wait for the cluster to react.
 DEADLINE = 10.0
 
+def stubborn(*extra: str) -> str:
+    """A shared-accept target whose workers ignore SIGTERM and whose master exits 0 on it."""
+    return shlex.join([sys.executable, str(STUBBORN), "{port}", "{workers}", "--term-exit", "0", *extra])
+
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="a real blind observer needs root (to run a cluster another user cannot read) and setpriv (util-linux)",
@@ -77,8 +82,14 @@ class TestKillWorker:
         assert fdcluster.kill_worker(victim, signal.SIGTERM) == victim
         assert not process_alive(victim) and victim not in fdcluster.paused
 
-    @pytest.mark.fdcluster(server=shlex.join([sys.executable, str(STUBBORN), "{port}", "{workers}",
-                                              "--term-exit", "0"]), workers=1)
+    @pytest.mark.fdcluster(server=stubborn("--drain", "0.5"), workers=2)
+    def test_a_draining_worker_is_waited_for(self, fdcluster):
+        # It runs on for half a second after SIGTERM: listed and alive all that time, were it not waited for.
+        victim = fdcluster.kill_worker(0, signal.SIGTERM)
+        assert not process_alive(victim), f"worker pid {victim} still runs after kill_worker returned"
+        assert victim not in fdcluster.workers and len(fdcluster.workers) == 1
+
+    @pytest.mark.fdcluster(server=stubborn(), workers=1)
     def test_a_worker_that_survives_the_signal_is_named(self, fdcluster):
         (survivor,) = fdcluster.workers
         with pytest.raises(ClusterError, match=rf"worker pid {survivor} of cluster 1 to die after SIGTERM"):

@@ -580,8 +580,7 @@ class TestStop:
         result = running.stop()
 
         assert (result.returncode, result.master_killed, result.nothing_left) == (1, False, True), result
-        assert result.graceful_failure == "graceful stop: master pid %d exited with status 1 after SIGTERM" % (
-            running.master_pid)
+        assert result.graceful_failure == target.GRACEFUL_STATUS.format(pid=running.master_pid, status=1)
         assert not result.clean
 
     @pytest.mark.parametrize("how", ["the test signalled the master", "no grace period"])

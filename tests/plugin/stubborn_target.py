@@ -7,6 +7,8 @@ all ignore SIGTERM, so only SIGKILL stops them.  Options:
     --term-exit STATUS  the master answers SIGTERM after all: it kills its
                       workers and exits with STATUS (1: a stop that is not
                       graceful; 0: one that is, for tests of other faults).
+    --drain SECONDS   a worker given SIGTERM keeps running SECONDS more, then
+                      exits 0, as a worker finishing its requests would.
     --escape PIDFILE  before forking the workers, start a daemon outside the
                       target's session (setsid, double fork) that keeps the
                       listening socket open; its pid goes to PIDFILE.  It
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("workers", type=int)
     parser.add_argument("--escape", metavar="PIDFILE")
     parser.add_argument("--term-exit", metavar="STATUS", type=int)
+    parser.add_argument("--drain", metavar="SECONDS", type=float)
     args = parser.parse_args()
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by every fork below
@@ -110,6 +113,8 @@ def main() -> None:
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
+            if args.drain is not None:
+                signal.signal(signal.SIGTERM, lambda signum, frame: exit_after(args.drain))
             try:
                 accept_forever_in_worker(listener)
             finally:
@@ -119,6 +124,13 @@ def main() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: exit_after_workers(workers, args.term_exit))
     while True:
         signal.pause()
+
+
+def exit_after(seconds: float) -> None:
+    """A worker's SIGTERM handler with ``--drain``: exit 0 after ``seconds`` (a timer: the handler returns)."""
+    timer = threading.Timer(seconds, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
 
 
 def exit_after_workers(workers: List[int], status: int) -> None:
