@@ -33,12 +33,7 @@ class TestKillAndWait:
 
 
 HIDDEN_HELPERS = """
-import signal
-
-import pytest
-
-from pytest_fdcluster import assert_no_close_wait, assert_round_robin
-from pytest_fdcluster.observe import ProcessView, Snapshot
+from pytest_fdcluster import assert_round_robin
 
 
 def test_round_robin(fdcluster):
@@ -75,12 +70,9 @@ class TestTracebacks:
 
 
 LOGGED_FAULTS = """
-import signal
-
-
 def test_faults_are_logged(fdcluster):
     victim = fdcluster.kill_worker(0)
-    paused = fdcluster.pause_worker(0)
+    fdcluster.pause_worker(0)
     fdcluster.resume_worker()
     assert victim == "the test fails on purpose, to show its captured log"
 """
@@ -119,9 +111,9 @@ from pytest_fdcluster.observe import ProcessView, Snapshot
 
 
 def unreadable(blind):
-    master = ProcessView(4242, 1, "master", "srv", {{}}, fds_visible=False, user="postgres",
+    master = ProcessView(4242, 1, "master", "srv", {}, fds_visible=False, user="postgres",
                          fds_error="PermissionError reading /proc/4242/fd", blind=blind)
-    return Snapshot(4242, {{4242: master}})
+    return Snapshot(4242, {4242: master})
 
 
 @pytest.mark.parametrize("blind", ["fail", "skip"])
@@ -134,7 +126,7 @@ class TestBlindChecks:
     """How pytest reports a blind check (the real unreadable process is in tests/integration/test_cluster_api.py)."""
 
     def test_a_blind_check_fails_or_skips_and_says_why(self, pytester: pytest.Pytester) -> None:
-        pytester.makepyfile(BLIND_TESTS.format())
+        pytester.makepyfile(BLIND_TESTS)
         result = run_subprocess(pytester, "-rs")
         result.assert_outcomes(failed=1, skipped=1)
         seen = dict(process="master", pid=4242, user="postgres", reason="PermissionError reading /proc/4242/fd",
