@@ -15,6 +15,8 @@ from .capabilities import Capabilities, CapabilityMissing, require
 from .checks import (
     CheckFailed,
     FairnessError,
+    FairnessStats,
+    FdHygieneError,
     FdLeakError,
     assert_fair,
     assert_master_holds_no_clients,
@@ -26,15 +28,19 @@ from .checks import (
     format_distribution,
 )
 from .client import Client, ClientError, ClientTimeout, ConnectionClosed, RemoteError
-from .cluster import Cluster, ClusterError, process_alive, wait_until
-from .observe import Snapshot, snapshot
+from .cluster import Cluster, ClusterError, ClusterFactory, GracefulStopError, process_alive, wait_until
+from .observe import ObservationError, ObservationSkipped, Snapshot, snapshot
+from .settings import ClusterSettings
+from .target import StopResult, TargetStartupError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Capabilities", "CapabilityMissing", "require",
-    "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ConnectionClosed",
-    "FairnessError", "FdLeakError", "RemoteError", "Snapshot", "assert_fair", "assert_master_holds_no_clients",
+    "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ClusterFactory",
+    "ClusterSettings", "ConnectionClosed", "FairnessError", "FairnessStats", "FdHygieneError", "FdLeakError",
+    "GracefulStopError", "ObservationError", "ObservationSkipped", "RemoteError", "Snapshot", "StopResult",
+    "TargetStartupError", "assert_fair", "assert_master_holds_no_clients",
     "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
     "faults", "format_distribution", "load", "process_alive", "protocol", "resources", "snapshot", "wait_until",
 ]

@@ -6,6 +6,10 @@ constants, then a one-line summary with the figures, then whatever a reader
 needs to see why: the per-worker distribution table, the leaked descriptors
 with their addresses.  Tests build expected lines from the same constants.
 
+The fd checks never pass blind: a judged process whose descriptors could
+not be read raises ``observe.ObservationError`` (or ``ObservationSkipped``).
+Every ``assert_*`` hides its own frame from pytest's traceback.
+
 The chi-square p-value is computed here (regularized upper incomplete gamma,
 Numerical Recipes style) so the plugin needs no scipy.  No pytest import.
 """
@@ -225,6 +229,7 @@ def assert_round_robin(counts: Mapping[str, int], tolerance: int = 1) -> Fairnes
 
     A tolerance of 1 allows for a total that does not divide evenly.
     """
+    __tracebackhide__ = True
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, not {tolerance}")
     stats = fairness(counts)
@@ -253,6 +258,7 @@ def assert_fair(
     ``min_p_value`` rejects distributions unlikely under a fair scheduler
     (chi-square against uniform); ``max_ratio`` bounds most over fewest.
     """
+    __tracebackhide__ = True
     if min_jain is None and max_ratio is None and min_p_value is None:
         raise ValueError("assert_fair needs at least one of min_jain, max_ratio, min_p_value")
     stats = fairness(counts)
@@ -288,6 +294,7 @@ def assert_no_fd_leak(
     leak per cycle.  Descriptors of ``ignore_kinds`` (e.g. ``"anon"``) are
     not counted.  Returns the diff.
     """
+    __tracebackhide__ = True
     if cycles < 1:
         raise ValueError(f"cycles must be >= 1, not {cycles}")
     diff = after - before
@@ -324,6 +331,7 @@ def assert_no_fd_growth(series: Mapping[str, Sequence[int]], *, max_slope: float
     trend over many samples tells a slow leak from the noise of in-flight
     connections.  Returns the slopes.
     """
+    __tracebackhide__ = True
     slopes = {label: fd_growth_slope(samples) for label, samples in series.items()}
     lines = [
         f"{FD_GROWTH_FAILED} in {label}: {slopes[label]:.2f} fds per cycle exceeds {max_slope} "
@@ -345,6 +353,7 @@ def _socket_lines(held: List[Tuple[str, FdInfo]]) -> str:
 
 def assert_no_close_wait(snapshot: Snapshot) -> None:
     """No process holds a TCP socket its peer has closed (CLOSE_WAIT)."""
+    __tracebackhide__ = True
     held = [(str(proc), info) for proc, info in snapshot.close_wait]
     if not held:
         return
@@ -362,6 +371,7 @@ def assert_master_holds_no_clients(snapshot: Snapshot) -> None:
     A master may hold a socket briefly during a handoff, so poll this rather
     than sampling it once right after a connect.  Passes if the master is gone.
     """
+    __tracebackhide__ = True
     held = snapshot.master_client_sockets
     if not held:
         return

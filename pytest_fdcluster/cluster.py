@@ -3,17 +3,22 @@
 ``Cluster`` wraps a ``RunningTarget`` with the verbs a test uses (``call``,
 ``kill_worker``, ``pause_worker``, ``wait_for_workers``, ``snapshot``) and
 records what happened to it for the report.  ``ClusterFactory`` starts any
-number of clusters and stops them all.  No pytest import: the plugin's
-fixtures are thin wrappers over these.
+number of clusters and stops them all, and raises ``GracefulStopError`` once
+they are stopped if a master did not stop gracefully on SIGTERM.
+
+Faults injected here are logged (INFO) on the ``fdcluster.cluster`` logger, a
+child of ``fdcluster``, together with each cluster's start and stop.  No
+pytest import: the plugin's fixtures are thin wrappers over these.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union, overload
 
 import psutil
 
@@ -28,6 +33,23 @@ WorkerRef = Union[int, str]
 
 DEFAULT_CALL_TIMEOUT = 5.0
 
+#: How long ``kill_worker`` waits for the signalled worker to be dead (a zombie counts).
+KILL_TIMEOUT = 10.0
+
+log = logging.getLogger("fdcluster.cluster")
+
+
+class GracefulStopError(ClusterError):
+    """A master did not stop gracefully on SIGTERM: SIGKILLed after the grace period, or a non-zero exit.
+
+    Raised by ``ClusterFactory.close`` once every cluster is stopped; ``failures`` pairs each such
+    cluster with its ``StopResult``.
+    """
+
+    def __init__(self, failures: List[Tuple[Cluster, StopResult]]) -> None:
+        super().__init__("\n".join(f"{cluster.name}: {result.graceful_failure}" for cluster, result in failures))
+        self.failures = failures
+
 
 class Cluster:
     """One running target: the master, its workers, and what a test does to them."""
@@ -37,6 +59,8 @@ class Cluster:
         self.settings = settings
         self.name = name
         self.paused: Set[int] = set()
+        #: pid -> create time of every worker this cluster killed: never listed as a worker again.
+        self.killed: Dict[int, float] = {}
         self.events: List[Tuple[float, str]] = []  # (seconds since start, what) for replay and reports
         self.started = time.monotonic()
         self.ready_seconds = 0.0
@@ -63,8 +87,22 @@ class Cluster:
 
     @property
     def workers(self) -> List[int]:
-        """Pids of the live workers, oldest first."""
-        return self.target.worker_pids()
+        """Pids of the live workers, oldest first.
+
+        Never a dead process (a zombie the master has not reaped yet is dead) nor
+        one this cluster killed, even while the kernel is still tearing it down.
+        """
+        return [proc.pid for proc in self.target.descendants() if not self._killed_by_us(proc)]
+
+    def _killed_by_us(self, proc: psutil.Process) -> bool:
+        # By create time too: a recycled pid is a new worker, not the one we killed.
+        created = self.killed.get(proc.pid)
+        if created is None:
+            return False
+        try:
+            return proc.create_time() == created
+        except psutil.Error:
+            return True  # gone meanwhile
 
     @property
     def is_reference(self) -> bool:
@@ -97,6 +135,7 @@ class Cluster:
 
     def worker_pid(self, worker: WorkerRef) -> int:
         """A worker's pid from its pid, its index among live workers, or its label ('worker 1')."""
+        __tracebackhide__ = True
         workers = self.workers
         if isinstance(worker, str):
             by_label = {label: pid for pid, label in self.labels().items()}
@@ -147,16 +186,24 @@ class Cluster:
 
         One pass over the process tree with the cached labels; the labels are
         refreshed (and the tree read again) only when a process is new to them.
+        Judging a process whose descriptors were unreadable raises
+        ``ObservationError`` (see ``observe``); the settings' ``blind_checks``, if
+        any, says whether to skip instead.
         """
+        blind = getattr(self.settings, "blind_checks", None)
         cached = self._labels
         if cached is not None:
-            snap = observe.snapshot(self.master, cached)
+            snap = observe.snapshot(self.master, cached, blind)
             if set(snap.processes) <= set(cached):
                 return snap
-        return observe.snapshot(self.master, self.labels())
+        return observe.snapshot(self.master, self.labels(), blind)
 
     def owner_of(self, client: Union[Client, socket.socket, Tuple[str, int]]) -> Optional[str]:
-        """Label of the process serving ``client`` ('worker 1'), seen from outside; None if nobody holds it."""
+        """Label of the process serving ``client`` ('worker 1'), seen from outside; None if nobody holds it.
+
+        Raises ``ObservationError`` if a process's descriptors cannot be read: nobody is not an answer then.
+        """
+        __tracebackhide__ = True
         view = self.snapshot().owner_of(_local_address(client))
         return view.label if view else None
 
@@ -164,45 +211,104 @@ class Cluster:
         self, clients: Sequence[Union[Client, socket.socket, Tuple[str, int]]]
     ) -> Dict[str, int]:
         """How many of ``clients`` each worker holds (every live worker listed, zeros included)."""
+        __tracebackhide__ = True
         return self.snapshot().connections_per_process([_local_address(c) for c in clients])
 
     # -- faults on workers ------------------------------------------------------------------
 
-    def kill_worker(self, worker: WorkerRef = 0, sig: int = signal.SIGKILL) -> int:
-        """Send ``sig`` (SIGKILL by default) to one worker; returns its pid."""
+    def kill_worker(self, worker: WorkerRef = 0, sig: int = signal.SIGKILL, timeout: float = KILL_TIMEOUT) -> int:
+        """Send ``sig`` (SIGKILL by default) to one worker and return its pid once it is dead.
+
+        Dead includes a zombie its master has not reaped yet.  From then on the
+        pid is never listed in ``workers``, so ``wait_for_workers(n)`` waits for
+        its replacement.  Raises ``ClusterError`` if it is still alive after
+        ``timeout`` seconds (a worker that handles ``sig`` and keeps running).
+        """
+        __tracebackhide__ = True
         pid = self.worker_pid(worker)
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.Error:
+            created = 0.0
+        name = signal.Signals(sig).name
         self._signal(pid, sig)
-        if sig == signal.SIGKILL:
-            self.paused.discard(pid)
-        self._record(f"{signal.Signals(sig).name} worker pid {pid}")
+        if pid in self.paused and sig not in (signal.SIGKILL, signal.SIGCONT):
+            # A stopped process acts on no other signal until it is continued.
+            self._signal(pid, signal.SIGCONT)
+        self._record(f"{name} worker pid {pid}")
+        log.info("%s: %s worker pid %d", self.name, name, pid)
+        wait_until(lambda: not process_alive(pid), timeout,
+                   lambda: f"worker pid {pid} of {self.name} to die after {name}; it is still {_status(pid)}")
+        self.paused.discard(pid)
+        self.killed[pid] = created
         return pid
 
     def pause_worker(self, worker: WorkerRef = 0) -> int:
         """SIGSTOP one worker and wait until the kernel shows it stopped; returns its pid."""
+        __tracebackhide__ = True
         pid = self.worker_pid(worker)
         self._signal(pid, signal.SIGSTOP)
         self.paused.add(pid)
         self._record(f"SIGSTOP worker pid {pid}")
+        log.info("%s: SIGSTOP worker pid %d (paused)", self.name, pid)
         wait_until(lambda: _status(pid) in (psutil.STATUS_STOPPED, None), 5.0, lambda: f"worker pid {pid} to stop")
         return pid
 
-    def resume_worker(self, worker: WorkerRef) -> int:
-        """SIGCONT a paused worker; returns its pid."""
+    @overload
+    def resume_worker(self) -> List[int]: ...
+
+    @overload
+    def resume_worker(self, worker: WorkerRef) -> int: ...
+
+    def resume_worker(self, worker: Optional[WorkerRef] = None) -> Union[int, List[int]]:
+        """SIGCONT a paused worker and return its pid; with no argument, every worker ``pause_worker`` paused.
+
+        ``resume_worker()`` resumes all of them, not only the last one, and
+        returns their pids (oldest pause first); a paused worker that died
+        meanwhile is skipped.
+        """
+        __tracebackhide__ = True
+        if worker is None:
+            resumed = []
+            for pid in list(self.paused):
+                try:
+                    resumed.append(self._resume(pid))
+                except ClusterError:
+                    self.paused.discard(pid)  # died while paused: nothing to resume
+            return resumed
         # A paused worker is looked up by pid as given: it may no longer count as live.
         pid = worker if isinstance(worker, int) and worker in self.paused else self.worker_pid(worker)
+        return self._resume(pid)
+
+    def _resume(self, pid: int) -> int:
+        __tracebackhide__ = True
         self._signal(pid, signal.SIGCONT)
         self.paused.discard(pid)
         self._record(f"SIGCONT worker pid {pid}")
+        log.info("%s: SIGCONT worker pid %d (resumed)", self.name, pid)
         return pid
 
     def kill_master(self, sig: int = signal.SIGKILL) -> int:
-        """Send ``sig`` to the master; returns its pid."""
+        """Send ``sig`` to the master; returns its pid.
+
+        The teardown then does not judge the master's exit: the test chose it.
+        """
+        __tracebackhide__ = True
+        name = signal.Signals(sig).name
         self._signal(self.master, sig)
-        self._record(f"{signal.Signals(sig).name} master pid {self.master}")
+        self.target.signalled_by_test.append(name)
+        self._record(f"{name} master pid {self.master}")
+        log.info("%s: %s master pid %d", self.name, name, self.master)
         return self.master
 
     def wait_for_workers(self, n: Optional[int] = None, timeout: float = 10.0, gone: Sequence[int] = ()) -> List[int]:
-        """Wait until exactly ``n`` workers (default: as configured) are alive and none of ``gone`` is."""
+        """Wait until exactly ``n`` workers (default: as configured) are alive; returns their pids.
+
+        Workers this cluster killed never count (see ``workers``); ``gone``
+        names more pids that must not be among them, e.g. workers killed by
+        someone else.
+        """
+        __tracebackhide__ = True
         n = self.settings.workers if n is None else n
 
         def settled() -> Optional[List[int]]:
@@ -228,14 +334,16 @@ class Cluster:
         if self.target.alive():
             try:
                 self.final_stats = self.stats()
-                self.final = self.snapshot()
+                self.final = _seen_whole(self.snapshot())
             except Exception:  # observation must never stop a teardown
                 self.final = None
-        self.stop_result = self.target.stop()
+        result = self.stop_result = self.target.stop()
         self._record("stopped")
-        return self.stop_result
+        log.info("%s: stopped in %.3f s: %s", self.name, result.seconds, _describe_stop(result))
+        return result
 
     def _signal(self, pid: int, sig: int) -> None:
+        __tracebackhide__ = True
         try:
             psutil.Process(pid).send_signal(sig)
         except psutil.NoSuchProcess:
@@ -256,6 +364,31 @@ def _status(pid: int) -> Optional[str]:
         return psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return None
+
+
+def _describe_stop(result: StopResult) -> str:
+    """One line for the log: how the master ended and what had to be killed."""
+    if result.exited_before_stop:
+        how = f"master had already exited ({result.returncode})"
+    elif result.master_killed:
+        how = f"master SIGKILLed after the {result.grace:g} s grace period"
+    else:
+        how = f"master exited {result.returncode} after SIGTERM"
+    parts = [how]
+    if result.signalled_by_test:
+        parts.append(f"the test sent it {', '.join(result.signalled_by_test)}")
+    if result.survivors_killed:
+        parts.append(f"SIGKILLed survivors {list(result.survivors_killed)}")
+    if result.remaining:
+        parts.append(f"LEFT ALIVE {list(result.remaining)}")
+    if not result.port_released:
+        parts.append("port still accepting")
+    return "; ".join(parts)
+
+
+def _seen_whole(snap: observe.Snapshot) -> Optional[observe.Snapshot]:
+    """``snap`` if every process's descriptors were readable; reports never show counts of what was not seen."""
+    return None if snap.unreadable else snap
 
 
 def _local_address(client: Union[Client, socket.socket, Tuple[str, int]]) -> Tuple[str, int]:
@@ -284,14 +417,22 @@ class ClusterFactory:
         cluster = Cluster(target, settings, name or f"cluster {len(self.clusters) + 1}")
         cluster.ready_seconds = time.monotonic() - began
         self.clusters.append(cluster)
+        log.info("%s started: master pid %d, workers %s, %s:%d, ready in %.3f s", cluster.name, cluster.master,
+                 cluster.workers, *cluster.address, cluster.ready_seconds)
         try:
-            cluster.baseline = cluster.snapshot()
+            cluster.baseline = _seen_whole(cluster.snapshot())
         except Exception:
             cluster.baseline = None
         return cluster
 
     def close(self) -> List[Tuple[Cluster, StopResult]]:
-        """Stop every cluster (newest first); returns what each stop found."""
+        """Stop every cluster (newest first); returns what each stop found.
+
+        Every cluster is stopped even if stopping one raises; then the first
+        such error is re-raised, or else ``GracefulStopError`` if a master did
+        not stop gracefully on SIGTERM (see ``StopResult.graceful_failure``).
+        """
+        __tracebackhide__ = True
         results = []
         first_error: Optional[BaseException] = None
         for cluster in reversed(self.clusters):
@@ -301,6 +442,9 @@ class ClusterFactory:
                 first_error = first_error or exc
         if first_error is not None:
             raise first_error
+        failures = [(cluster, result) for cluster, result in results if result.graceful_failure]
+        if failures:
+            raise GracefulStopError(failures)
         return results
 
 

@@ -10,6 +10,12 @@ namespace and only as far as needed.  Elsewhere psutil's ``open_files`` and
 ``net_connections`` stand in, and ``inheritable`` is None because no other
 platform exposes it.
 
+A process whose descriptors cannot be read (another user's, without root;
+a hardened /proc) gets an ``UnreadableFds`` table instead of an empty one:
+any look at it raises ``ObservationError`` (or, when the user opted into
+skipping blind checks, ``ObservationSkipped``), so no check passes without
+seeing what it judges.
+
 ``observe`` builds snapshots of a whole process tree from these.  No pytest import.
 """
 
@@ -18,14 +24,16 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import unittest
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Union
 
 import psutil
 
 from .text import format_address
 
-__all__ = ["KINDS", "TCP_KINDS", "USE_PROCFS", "Address", "FdInfo", "describe_fds", "read_fds", "resolve_sockets"]
+__all__ = ["KINDS", "TCP_KINDS", "USE_PROCFS", "Address", "FdInfo", "ObservationError", "ObservationSkipped",
+           "UnreadableFds", "describe_fds", "read_fds", "resolve_sockets", "unreadable_reason"]
 
 #: An inet socket address as (host, port), or a Unix socket path.
 Address = Union[Tuple[str, int], str]
@@ -88,6 +96,71 @@ class FdInfo:
         elif self.kind == "anon":
             parts.append(self.target.split(":", 1)[-1].strip("[]"))
         return " ".join(parts)
+
+
+class ObservationError(AssertionError):
+    """A check or observation could not see what it judges: a process's descriptors were unreadable.
+
+    An ``AssertionError``, so pytest reports a failure; ``pid``, ``label``,
+    ``user`` and ``reason`` say whose descriptors and why.
+    """
+
+    def __init__(self, message: str, pid: int, label: str, user: str, reason: str) -> None:
+        super().__init__(message)
+        self.pid, self.label, self.user, self.reason = pid, label, user, reason
+
+
+class ObservationSkipped(unittest.SkipTest):
+    """The same blindness when the user chose to skip such checks.
+
+    A ``unittest.SkipTest``, which pytest turns into a skip of the test
+    wherever it is raised, with the message as the reason.
+    """
+
+    def __init__(self, message: str, pid: int, label: str, user: str, reason: str) -> None:
+        super().__init__(message)
+        self.pid, self.label, self.user, self.reason = pid, label, user, reason
+
+
+class UnreadableFds(Mapping[int, FdInfo]):
+    """The descriptor table of a process that could not be read: every look at it raises ``fail()``'s error.
+
+    Empty would be a lie: a check iterating it would pass without seeing anything.
+    """
+
+    def __init__(self, fail: Callable[[], NoReturn], what: str) -> None:
+        self._fail = fail
+        self._what = what
+
+    def __getitem__(self, fd: int) -> FdInfo:
+        __tracebackhide__ = True
+        self._fail()
+
+    def __iter__(self) -> Iterator[int]:
+        __tracebackhide__ = True
+        self._fail()
+
+    def __len__(self) -> int:
+        __tracebackhide__ = True
+        self._fail()
+
+    def __contains__(self, fd: object) -> bool:
+        __tracebackhide__ = True
+        self._fail()
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<unreadable fds of {self._what}>"
+
+
+def unreadable_reason(pid: int, exc: BaseException) -> str:
+    """``PermissionError reading /proc/4242/fd``: what was refused, for messages."""
+    where = getattr(exc, "filename", None) or (f"/proc/{pid}/fd" if USE_PROCFS else "its open files")
+    return f"{type(exc).__name__} reading {where}"
 
 
 def describe_fds(fds: Sequence[FdInfo], limit: int = 10) -> str:

@@ -10,29 +10,53 @@ Which processes are the target's comes from ``proctree``; what each
 descriptor is, from ``descriptors`` (whose names are re-exported here).
 
 Processes and descriptors that disappear while being read are skipped: a
-snapshot of a churning tree never raises.  No pytest import.
+snapshot of a churning tree never raises.  A process whose descriptors cannot
+be read is kept, marked ``fds_visible=False``: taking the snapshot still
+works, but everything that judges its descriptors (``fds``, ``fd_count``,
+``tcp_connections``, ``owner_of``, diffs, the ``checks``) raises
+``ObservationError`` naming the pid, the user and the reason -- or
+``ObservationSkipped`` when ``BLIND`` (or the snapshot's ``blind``) is
+``"skip"``.  Never a pass.  Snapshots are logged at DEBUG on
+``fdcluster.observe``.  No pytest import.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple
 
 import psutil
 
 from . import proctree
-from .descriptors import KINDS, TCP_KINDS, Address, FdInfo, describe_fds, read_fds, resolve_sockets
+from .descriptors import (
+    KINDS,
+    TCP_KINDS,
+    Address,
+    FdInfo,
+    ObservationError,
+    ObservationSkipped,
+    UnreadableFds,
+    describe_fds,
+    read_fds,
+    resolve_sockets,
+    unreadable_reason,
+)
 from .text import MASTER, format_address, plural
 
 __all__ = [
+    "BLIND",
+    "BLIND_MODES",
     "KINDS",
     "MASTER",
     "UNOWNED",
     "Address",
     "FdInfo",
+    "ObservationError",
+    "ObservationSkipped",
     "ProcessDiff",
     "ProcessView",
     "Snapshot",
@@ -44,6 +68,19 @@ __all__ = [
 ]
 
 UNOWNED = "unowned"
+
+#: What judging an unreadable process does: ``"fail"`` raises ``ObservationError`` (a test failure),
+#: ``"skip"`` raises ``ObservationSkipped`` (a skip under pytest).  A snapshot's ``blind`` overrides it.
+BLIND = "fail"
+BLIND_MODES = ("fail", "skip")
+#: The setting a user flips to skip instead; named in the error.
+BLIND_OPTION = "--fdcluster-blind-checks"
+BLIND_FAILED = ("cannot see the descriptors of {process} (pid {pid}, user {user}): {reason}; "
+                "run the tests as that user or as root, or opt out with {option} skip")
+BLIND_SKIPPED = ("cannot see the descriptors of {process} (pid {pid}, user {user}): {reason}; "
+                 "skipped, as {option} is skip")
+
+log = logging.getLogger("fdcluster.observe")
 
 _CMDLINE_MAX = 80
 
@@ -65,15 +102,37 @@ class ProcessView:
     fds: Dict[int, FdInfo]
     create_time: float = 0.0
     #: False when the process's descriptors could not be read (another user's
-    #: process, without root): ``fds`` is then empty, not known to be empty.
+    #: process, without root): ``fds`` is then an ``UnreadableFds`` that raises when looked at.
     fds_visible: bool = True
+    #: The user the process runs as.
+    user: str = ""
+    #: Why its descriptors could not be read (``PermissionError reading /proc/4242/fd``).
+    fds_error: str = ""
+    #: ``BLIND_MODES`` entry for this process; None: the module's ``BLIND`` at the time of judging.
+    blind: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.fds_visible and not isinstance(self.fds, UnreadableFds):
+            object.__setattr__(self, "fds", UnreadableFds(self.raise_blind, str(self)))
 
     def __str__(self) -> str:
         return f"{self.label} (pid {self.pid})"
 
     def __repr__(self) -> str:
         # Short, so that pytest's assertion rewriting stays readable.
-        return f"<ProcessView {self} fds={self.fd_count}>"
+        return f"<ProcessView {self} fds={self.fd_count if self.fds_visible else 'unreadable'}>"
+
+    def raise_blind(self) -> NoReturn:
+        """Raise what judging this unreadable process raises: ``ObservationError`` or ``ObservationSkipped``."""
+        __tracebackhide__ = True
+        mode = self.blind or BLIND
+        if mode not in BLIND_MODES:
+            raise ValueError(f"blind checks must be one of {BLIND_MODES}, not {mode!r}")
+        template, error = (BLIND_SKIPPED, ObservationSkipped) if mode == "skip" else (BLIND_FAILED, ObservationError)
+        reason = self.fds_error or "its descriptors were not readable"
+        user = self.user or "unknown"
+        message = template.format(process=self.label, pid=self.pid, user=user, reason=reason, option=BLIND_OPTION)
+        raise error(message, self.pid, self.label, user, reason)
 
     @property
     def fd_count(self) -> int:
@@ -128,6 +187,11 @@ class Snapshot:
 
     def __repr__(self) -> str:
         return f"<Snapshot of {self.master_pid}: {', '.join(map(str, self.processes.values())) or 'gone'}>"
+
+    @property
+    def unreadable(self) -> List[ProcessView]:
+        """The processes whose descriptors could not be read; judging any of them raises."""
+        return [p for p in self.processes.values() if not p.fds_visible]
 
     @property
     def master(self) -> Optional[ProcessView]:
@@ -229,6 +293,8 @@ class ProcessDiff:
         if self.process_vanished:
             return f"{head}: process vanished"
         if self.process_appeared:
+            if not self.process.fds_visible:
+                return f"{head}: process appeared (descriptors unreadable)"
             return f"{head}: process appeared with {plural(self.process.fd_count, 'fd')}"
         changes = []
         if self.appeared:
@@ -317,41 +383,63 @@ def _short_cmdline(proc: psutil.Process) -> str:
     return text if len(text) <= _CMDLINE_MAX else text[: _CMDLINE_MAX - 3] + "..."
 
 
-def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Snapshot:
+def _user(proc: psutil.Process) -> str:
+    try:
+        return proc.username()
+    except (psutil.Error, KeyError):
+        try:
+            return f"uid {proc.uids().real}"
+        except psutil.Error:
+            return "unknown"
+
+
+#: What ``_read_process`` learns: ppid, create time, command line, user, descriptors, why they are unreadable.
+_Seen = Tuple[int, float, str, str, List[FdInfo], str]
+
+
+def _read_process(proc: psutil.Process) -> Optional[_Seen]:
+    """One process of the tree, or None for a zombie.  Raises psutil.NoSuchProcess (or OSError) if it is gone."""
+    try:
+        with proc.oneshot():
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            ppid, create_time, cmdline = proc.ppid(), proc.create_time(), _short_cmdline(proc)
+    except psutil.AccessDenied as exc:
+        # Not even its status is ours to read (off Linux): still the target's, and not to be judged blind.
+        return 0, 0.0, "?", _user(proc), [], unreadable_reason(proc.pid, exc)
+    try:
+        return ppid, create_time, cmdline, _user(proc), read_fds(proc), ""
+    except (PermissionError, psutil.AccessDenied) as exc:
+        return ppid, create_time, cmdline, _user(proc), [], unreadable_reason(proc.pid, exc)
+
+
+def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None, blind: Optional[str] = None) -> Snapshot:
     """Record ``master_pid`` and its live descendants with their open descriptors.
 
     Labels are ``master`` and ``worker 0``, ``worker 1``, ... by process
     creation time then pid, each overridden by ``labels[pid]`` where given.
     Zombies, and processes that exit while being read, are left out; a master
-    that is gone yields an empty snapshot.
+    that is gone yields an empty snapshot.  A process whose descriptors cannot
+    be read is kept and raises when judged, as ``blind`` says (default: ``BLIND``).
     """
+    if blind is not None and blind not in BLIND_MODES:
+        raise ValueError(f"blind must be one of {BLIND_MODES}, not {blind!r}")
     taken_at = time.monotonic()
-    found: Dict[int, Tuple[int, float, str, bool]] = {}  # pid -> ppid, create_time, cmdline, visible
-    fds_by_pid: Dict[int, List[FdInfo]] = {}
+    found: Dict[int, _Seen] = {}
     for proc in proctree.target_processes(master_pid):
         try:
-            with proc.oneshot():
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                ppid, create_time, cmdline = proc.ppid(), proc.create_time(), _short_cmdline(proc)
-            visible = True
-            try:
-                fds = read_fds(proc)
-            except (PermissionError, psutil.AccessDenied):
-                fds, visible = [], False
+            seen = _read_process(proc)
         except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
             continue  # exited while being read
-        except psutil.AccessDenied:
-            continue  # not even its status is ours to read (another user's, off Linux)
-        found[proc.pid] = (ppid, create_time, cmdline, visible)
-        fds_by_pid[proc.pid] = fds
+        if seen is not None:
+            found[proc.pid] = seen
     # After every fd was listed, so the socket tables are at least as new as any socket seen.
-    fds_by_pid = resolve_sockets(fds_by_pid)
+    fds_by_pid = resolve_sockets({pid: seen[4] for pid, seen in found.items()})
 
     processes: Dict[int, ProcessView] = {}
     workers = 0
     for pid in sorted(found, key=lambda pid: (pid != master_pid, found[pid][1], pid)):
-        ppid, create_time, cmdline, visible = found[pid]
+        ppid, create_time, cmdline, user, _, error = found[pid]
         if pid == master_pid:
             label = MASTER
         else:
@@ -359,5 +447,10 @@ def snapshot(master_pid: int, labels: Optional[Mapping[int, str]] = None) -> Sna
         if labels and pid in labels:
             label = labels[pid]
         fd_map = {info.fd: info for info in sorted(fds_by_pid[pid], key=lambda i: i.fd)}
-        processes[pid] = ProcessView(pid, ppid, label, cmdline, fd_map, create_time, visible)
-    return Snapshot(master_pid, processes, taken_at)
+        processes[pid] = ProcessView(pid, ppid, label, cmdline, fd_map, create_time, not error, user, error, blind)
+    snap = Snapshot(master_pid, processes, taken_at)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("snapshot of master pid %d in %.1f ms: %s", master_pid, (time.monotonic() - taken_at) * 1e3,
+                  ", ".join(f"{p} {p.fd_count if p.fds_visible else 'unreadable'} fds" for p in processes.values())
+                  or "gone")
+    return snap

@@ -324,7 +324,7 @@ def fail_startup(target: RunningTarget, reason: str, returncode: Optional[int]) 
     if stdout:
         lines.append("  last stdout lines:")
         lines.extend(f"    {line}" for line in stdout[-MESSAGE_LINES:])
-    if not result.clean:
+    if not result.nothing_left:
         lines.append(
             f"  left behind despite SIGKILL: pids {list(result.remaining)}, "
             f"port released: {result.port_released}"

@@ -13,11 +13,17 @@ PR_SET_PDEATHSIG(SIGKILL) on Linux, and every target's session is registered
 with the orphan guard (``guard_client``), a watchdog process that kills the
 sessions it still watches once pytest's end of its pipe closes.
 
+A stop is also judged: a master that had to be SIGKILLed after the grace
+period, or that exited non-zero after our SIGTERM, did not stop gracefully
+(``StopResult.graceful_failure``); that is logged as a warning on the
+``fdcluster.target`` logger.
+
 No pytest import: usable from scripts, fixtures and scenario workers alike.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -47,6 +53,14 @@ __all__ = [
     "TargetStartupError",
     "start_target",
 ]
+
+log = logging.getLogger("fdcluster.target")
+
+#: ``StopResult.graceful_failure`` texts; tests match them.
+GRACEFUL_SIGKILLED = ("graceful stop: master pid {pid} did not exit within the {grace:g} s grace period "
+                      "after SIGTERM and was SIGKILLed")
+GRACEFUL_STATUS = "graceful stop: master pid {pid} exited with status {status} after SIGTERM"
+GRACEFUL_SIGNAL = "graceful stop: master pid {pid} was killed by {signal} after SIGTERM"
 
 PLACEHOLDERS = ("{port}", "{workers}", "{host}")
 
@@ -138,6 +152,13 @@ class StopResult:
     port_released: bool
     #: Wall-clock time ``stop`` took.
     seconds: float
+    master_pid: Optional[int] = None
+    #: The grace period the master had between SIGTERM and SIGKILL.
+    grace: float = 0.0
+    #: ``stop`` sent SIGTERM to a live master and gave it a grace period (> 0): its exit is judged.
+    sigterm_sent: bool = False
+    #: Signals the test itself sent to the master (``Cluster.kill_master``); its exit is then not judged.
+    signalled_by_test: Tuple[str, ...] = ()
 
     @property
     def needed_sigkill(self) -> bool:
@@ -145,9 +166,38 @@ class StopResult:
         return self.master_killed or bool(self.survivors_killed)
 
     @property
-    def clean(self) -> bool:
+    def nothing_left(self) -> bool:
         """No process and no listener left behind."""
         return not self.remaining and self.port_released
+
+    @property
+    def graceful_failure(self) -> Optional[str]:
+        """Why the master did not stop gracefully on our SIGTERM, or None when it did (or was not asked to).
+
+        Not judged: a master that had exited before ``stop``, one the test
+        signalled itself, a stop with no grace period.
+        """
+        if not self.sigterm_sent or self.signalled_by_test:
+            return None
+        if self.master_killed:
+            return GRACEFUL_SIGKILLED.format(pid=self.master_pid, grace=self.grace)
+        if self.returncode is None or self.returncode == 0:
+            return None  # None: not reaped, reported as a process left behind
+        if self.returncode < 0:
+            return GRACEFUL_SIGNAL.format(pid=self.master_pid, signal=_signal_name(-self.returncode))
+        return GRACEFUL_STATUS.format(pid=self.master_pid, status=self.returncode)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing left behind, and the master stopped gracefully (see ``graceful_failure``)."""
+        return self.nothing_left and self.graceful_failure is None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 # -- small helpers -------------------------------------------------------------
@@ -207,6 +257,8 @@ class RunningTarget:
         self._stop_result: Optional[StopResult] = None
         #: Set once readiness was confirmed: only then is the port known to be ours to free.
         self._ready = False
+        #: Signals the test sent the master (``Cluster.kill_master``): ``stop`` does not judge its exit then.
+        self.signalled_by_test: List[str] = []
         try:
             self._master: Optional[psutil.Process] = psutil.Process(process.pid)
         except psutil.Error:
@@ -331,6 +383,7 @@ class RunningTarget:
             snapshot = self.descendants()
             exited_before = self.process.poll() is not None
             master_killed = False
+            sigterm_sent = not exited_before and grace > 0
             if not exited_before:
                 try:
                     self.process.send_signal(signal.SIGTERM)
@@ -374,7 +427,14 @@ class RunningTarget:
                 remaining=tuple(sorted(remaining)),
                 port_released=port_released,
                 seconds=time.monotonic() - started,
+                master_pid=self.master_pid,
+                grace=grace,
+                sigterm_sent=sigterm_sent,
+                signalled_by_test=tuple(self.signalled_by_test),
             )
+            failure = self._stop_result.graceful_failure
+            if failure:
+                log.warning("%s (%s)", failure, shell_join(self.argv))
             return self._stop_result
 
 

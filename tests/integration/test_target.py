@@ -97,6 +97,7 @@ def main():
     parser.add_argument("--master-serves", action="store_true")
     parser.add_argument("--ready-line", action="store_true")
     parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--term-exit", type=int, default=0, help="the master's exit status after SIGTERM")
     parser.add_argument("--abandon-workers", action="store_true")
     parser.add_argument("--new-group", action="store_true")
     args = parser.parse_args()
@@ -113,7 +114,7 @@ def main():
                 os.kill(pid, signal.SIGTERM)
             for pid in workers:
                 os.waitpid(pid, 0)
-        os._exit(0)
+        os._exit(args.term_exit)
 
     # Installed before forking so an early SIGTERM already takes the orderly path.
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else on_term)
@@ -565,8 +566,39 @@ class TestStop:
         assert result.returncode == -signal.SIGKILL
         assert sorted(result.survivors_killed) == sorted(workers)
         assert result.seconds >= 0.3
-        assert result.clean, result
+        assert result.nothing_left, result
+        assert result.graceful_failure == target.GRACEFUL_SIGKILLED.format(pid=running.master_pid, grace=0.3)
+        assert not result.clean
         assert live(seen) == []
+
+    def test_non_zero_exit_after_sigterm_is_not_a_graceful_stop(
+        self, reaper: Reaper, prefork: Callable[..., List[str]]
+    ) -> None:
+        running = reaper.start(python_spec(prefork("--term-exit", "1"), workers=2))
+        reaper.track(running.master_pid, *running.worker_pids())
+
+        result = running.stop()
+
+        assert (result.returncode, result.master_killed, result.nothing_left) == (1, False, True), result
+        assert result.graceful_failure == target.GRACEFUL_STATUS.format(pid=running.master_pid, status=1)
+        assert not result.clean
+
+    @pytest.mark.parametrize("how", ["the test signalled the master", "no grace period"])
+    def test_a_stop_that_was_not_asked_to_be_graceful_is_not_judged(
+        self, reaper: Reaper, prefork: Callable[..., List[str]], how: str
+    ) -> None:
+        running = reaper.start(python_spec(prefork("--ignore-term"), workers=1))
+        reaper.track(running.master_pid, *running.worker_pids())
+        if how == "no grace period":
+            result = running.stop(grace=0)
+        else:
+            os.kill(running.master_pid, signal.SIGTERM)  # ignored, as Cluster.kill_master(SIGTERM) would be
+            running.signalled_by_test.append("SIGTERM")
+            result = running.stop(grace=0.1)
+
+        assert result.master_killed, result
+        assert result.graceful_failure is None
+        assert result.clean, result
 
     def test_workers_in_another_process_group_are_found_by_session(
         self, reaper: Reaper, prefork: Callable[..., List[str]]
@@ -598,6 +630,7 @@ class TestStop:
 
         assert result.exited_before_stop and result.returncode == -signal.SIGKILL
         assert sorted(result.survivors_killed) == sorted(workers)
+        assert result.graceful_failure is None, "a master that died before the stop got no SIGTERM to answer"
         assert result.clean, result
         assert live(seen) == []
 

@@ -4,6 +4,11 @@ A shared-accept prefork server speaking the protocol (``ping`` echoes its
 params, ``pid`` answers the serving process's pid) whose master and workers
 all ignore SIGTERM, so only SIGKILL stops them.  Options:
 
+    --term-exit STATUS  the master answers SIGTERM after all: it kills its
+                      workers and exits with STATUS (1: a stop that is not
+                      graceful; 0: one that is, for tests of other faults).
+    --drain SECONDS   a worker given SIGTERM keeps running SECONDS more, then
+                      exits 0, as a worker finishing its requests would.
     --escape PIDFILE  before forking the workers, start a daemon outside the
                       target's session (setsid, double fork) that keeps the
                       listening socket open; its pid goes to PIDFILE.  It
@@ -20,6 +25,7 @@ import os
 import signal
 import socket
 import threading
+from typing import List
 
 from fdcluster_server import protocol
 
@@ -92,6 +98,8 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("workers", type=int)
     parser.add_argument("--escape", metavar="PIDFILE")
+    parser.add_argument("--term-exit", metavar="STATUS", type=int)
+    parser.add_argument("--drain", metavar="SECONDS", type=float)
     args = parser.parse_args()
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by every fork below
@@ -101,14 +109,37 @@ def main() -> None:
     listener.listen(128)
     if args.escape:
         escape_with_listener(args.escape)
+    workers = []
     for _ in range(args.workers):
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
+            if args.drain is not None:
+                signal.signal(signal.SIGTERM, lambda signum, frame: exit_after(args.drain))
             try:
                 accept_forever_in_worker(listener)
             finally:
                 os._exit(0)
+        workers.append(pid)
+    if args.term_exit is not None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: exit_after_workers(workers, args.term_exit))
     while True:
         signal.pause()
+
+
+def exit_after(seconds: float) -> None:
+    """A worker's SIGTERM handler with ``--drain``: exit 0 after ``seconds`` (a timer: the handler returns)."""
+    timer = threading.Timer(seconds, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def exit_after_workers(workers: List[int], status: int) -> None:
+    """The master's SIGTERM handler with ``--term-exit``: kill and reap the workers, exit with ``status``."""
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    for pid in workers:
+        os.waitpid(pid, 0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

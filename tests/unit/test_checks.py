@@ -7,10 +7,12 @@ is exercised in tests/integration/test_observe.py.
 from __future__ import annotations
 
 import math
+import unittest
+from typing import Optional
 
 import pytest
 
-from pytest_fdcluster import checks
+from pytest_fdcluster import ObservationError, ObservationSkipped, checks, observe
 from pytest_fdcluster.checks import (
     BAR_CHAR,
     BAR_WIDTH,
@@ -442,3 +444,55 @@ class TestMasterHoldsNoClients:
 
     def test_gone_master_holds_nothing(self):
         assert_master_holds_no_clients(Snapshot(7, {}))
+
+
+def blind_process(pid: int, label: str, blind: Optional[str] = "fail") -> ProcessView:
+    """A process whose descriptors were refused, as ``observe.snapshot`` records it."""
+    return ProcessView(pid, 1, label, "server", {}, fds_visible=False, user="postgres",
+                       fds_error=f"PermissionError reading /proc/{pid}/fd", blind=blind)
+
+
+class TestBlindChecks:
+    """No check passes without seeing: the real unreadable process is in tests/integration/test_cluster_api.py."""
+
+    MESSAGE = observe.BLIND_FAILED.format(process="worker 0", pid=8, user="postgres",
+                                          reason="PermissionError reading /proc/8/fd", option=observe.BLIND_OPTION)
+
+    @pytest.mark.parametrize("check", [
+        lambda snap: assert_no_close_wait(snap),
+        lambda snap: assert_no_fd_leak(snap, snap),
+        lambda snap: snap.owner_of(("127.0.0.1", 40000)),
+        lambda snap: snap.connections_per_process([("127.0.0.1", 40000)]),
+        lambda snap: snap.workers[0].fd_count,
+        lambda snap: 9 in snap.workers[0].fds,
+    ], ids=["close-wait", "fd leak", "owner_of", "connections_per_process", "fd_count", "fds"])
+    def test_judging_an_unreadable_worker_fails_naming_it(self, check) -> None:
+        snap = tree(process(7, "master", listener()), blind_process(8, "worker 0"))
+        with pytest.raises(ObservationError) as info:
+            check(snap)
+        assert str(info.value) == self.MESSAGE
+        assert (info.value.pid, info.value.label, info.value.user) == (8, "worker 0", "postgres")
+
+    def test_the_master_alone_is_judged_for_holding_clients(self) -> None:
+        assert_master_holds_no_clients(tree(process(7, "master", listener()), blind_process(8, "worker 0")))
+        with pytest.raises(ObservationError, match=r"cannot see the descriptors of master \(pid 7, user postgres\)"):
+            assert_master_holds_no_clients(tree(blind_process(7, "master")))
+
+    def test_skip_is_a_unittest_skip_and_never_a_pass(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(observe, "BLIND", "skip")
+        snap = tree(process(7, "master", listener()), blind_process(8, "worker 0", blind=None))
+        with pytest.raises(ObservationSkipped) as info:
+            assert_no_close_wait(snap)
+        assert isinstance(info.value, unittest.SkipTest)
+        assert str(info.value).endswith(f"skipped, as {observe.BLIND_OPTION} is skip")
+
+    def test_descriptions_of_an_unreadable_process_do_not_raise(self) -> None:
+        before = tree(process(7, "master", listener()))
+        after = tree(process(7, "master", listener()), blind_process(8, "worker 0"))
+        assert "fds=unreadable" in repr(after.workers[0])
+        assert str(after - before) == "worker 0 (pid 8): process appeared (descriptors unreadable)"
+        assert [p.pid for p in after.unreadable] == [8]
+
+    def test_an_unknown_mode_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="blind checks must be one of"):
+            len(blind_process(8, "worker 0", blind="pass").fds)
