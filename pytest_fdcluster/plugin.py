@@ -17,7 +17,7 @@ import pytest
 
 from . import report, settings
 from .capabilities import Capabilities
-from .cluster import Cluster, ClusterFactory, scm_rights_unavailable
+from .cluster import Cluster, ClusterFactory, GracefulStopError, scm_rights_unavailable
 from .settings import ClusterSettings, SettingsError
 from .target import StopResult, TargetStartupError
 from .text import shell_join
@@ -374,6 +374,12 @@ class FixtureClusters:
                 continue  # its stop raised: nothing to record
             report.record_stop(self._request.node, cluster, cluster.stop_result)
             problems += unclean_teardown(cluster, cluster.stop_result)
+        if self._request.session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            # After Ctrl-C every cluster was still stopped and recorded; an error raised now would crash
+            # pytest's session finish instead of reaching the user, and a user who interrupted wants out.
+            if error is not None and not isinstance(error, GracefulStopError):
+                raise error
+            return
         if error is not None:
             raise error
         if problems:

@@ -95,7 +95,8 @@ def build_record(
         "stop_seconds": round(result.seconds, 4),
         "stop": {"returncode": result.returncode, "master_killed": result.master_killed,
                  "survivors_killed": list(result.survivors_killed), "remaining": list(result.remaining),
-                 "port_released": result.port_released, "clean": result.clean},
+                 "port_released": result.port_released, "nothing_left": result.nothing_left,
+                 "graceful_failure": result.graceful_failure, "clean": result.clean},
         "connections_per_worker": per_worker,
         "fd_counts": fd_counts,
         "respawns": respawns,
@@ -111,7 +112,8 @@ def format_record(record: Dict[str, Any]) -> str:
              f"  {host}:{port}" + (f" on {record['xdist_worker']}" if record.get("xdist_worker") else "")
              + f", ready in {record['ready_seconds'] * 1000:.0f} ms, stopped in {record['stop_seconds'] * 1000:.0f} ms"
              + (", SIGKILL needed" if stop["master_killed"] or stop["survivors_killed"] else "")
-             + ("" if stop.get("clean", True) else ", LEFT SOMETHING BEHIND")
+             + ("" if stop.get("nothing_left", True) else ", LEFT SOMETHING BEHIND")
+             + (f", {stop['graceful_failure']}" if stop.get("graceful_failure") else "")
              + (f", respawns {record['respawns']}" if record["respawns"] is not None else "")
              + (f", payload seed {record['payload_seed']!r}" if record.get("payload_seed") is not None else "")]
     if record["connections_per_worker"]:

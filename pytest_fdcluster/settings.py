@@ -211,6 +211,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "declare what an external target has, [TARGET:]CAPABILITY=VALUE (no TARGET: every external target); "
             "capabilities respawns, drains, idle_timeout, max_frame, strategy; repeat the option (ini: one per line)",
             default_text="nothing declared", marker=False, multiple=True),
+    Setting("blind_checks", str, one_of(("fail", "skip")), "fail",
+            "what a check does when it cannot read a judged process's descriptors (another user's server, a "
+            "hardened /proc): fail, or skip naming the pid, user and reason; never pass"),
     Setting("junit_properties", bool, yes_no, False,
             "yes: each cluster's key figures become junit testcase properties, which pytest's default "
             "junit_family xunit2 does not allow (set junit_family = xunit1)", marker=False),
@@ -264,6 +267,7 @@ class ClusterSettings(NamedTuple):
     ready_line: bool = False  # wait for the target's fdcluster-ready line
     target: str = "reference"  # the target's name, in test ids of a run with several
     capabilities: Capabilities = _CAPABILITY_DEFAULTS
+    blind_checks: str = "fail"  # a check that cannot see: "fail", or "skip" (never a pass)
 
     def describe(self) -> str:
         """The command template as a shell would show it."""
@@ -392,7 +396,7 @@ def resolve(
             s.name: (_declared_strategy if s.name == "strategy" else s.parse)(s.name, *sources[s.name])
             for s in CAPABILITY_SETTINGS if s.name in sources})
         return ClusterSettings(chosen.command, workers, timeout, grace, None, False, common["ready_line"],
-                               chosen.name, capabilities)
+                               chosen.name, capabilities, common["blind_checks"])
 
     strategy = value_of(BY_NAME["strategy"])
     # The strategy has its own place in the command; the others are passed only when the marker gives them.
@@ -405,7 +409,7 @@ def resolve(
         max_frame=extra.get("max_frame", _REFERENCE_DEFAULTS.get_default("max_frame")),
         **declared)
     return ClusterSettings(reference_command(strategy, extra), workers, timeout, grace, strategy, True, True,
-                           chosen.name, capabilities)
+                           chosen.name, capabilities, common["blind_checks"])
 
 
 def resolve_all(option: Callable[[str], Any], ini: Callable[[str], Any],

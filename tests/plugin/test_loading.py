@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from plugin_test_support import literal, run_subprocess, stubborn_command
 
-from pytest_fdcluster import plugin, report, settings
+from pytest_fdcluster import plugin, report, settings, target
 
 USES_SETTINGS = """
 def test_settings(fdcluster_settings):
@@ -157,9 +157,11 @@ class TestOptions:
                 assert len(fdcluster.workers) == 3
         """)
         result = run_subprocess(pytester, "--fdcluster-report", *args)
-        result.assert_outcomes(passed=1)
-        # It ignores SIGTERM: the summary says the grace ran out and SIGKILL was needed.
+        # It ignores SIGTERM: the test passes, its teardown fails the graceful stop, and the summary
+        # says the grace ran out and SIGKILL was needed.
+        result.assert_outcomes(passed=1, errors=1)
         result.stdout.fnmatch_lines([f"fdcluster: target {command}, 3 workers*",
+                                     "*" + target.GRACEFUL_SIGKILLED.format(pid="*", grace=0.2),
                                      "*SIGKILL needed*"])
 
     @pytest.mark.parametrize(("source", "label"), [
@@ -329,6 +331,13 @@ class TestSettingsTable:
             self.resolve(ini={"fdcluster_grace": "-1"})
         problem = settings.INVALID_VALUE.format(name="grace", value="-1", source="tox.ini (fdcluster_grace)")
         assert str(raised.value) == f"{problem}: expected a non-negative number"
+
+    def test_blind_checks_fail_by_default_and_may_be_skipped_never_passed(self) -> None:
+        assert self.resolve().blind_checks == "fail"
+        assert self.resolve(option={"fdcluster_blind_checks": "skip"}).blind_checks == "skip"
+        assert self.resolve({"blind_checks": "skip"}, option={"fdcluster_server": "srv"}).blind_checks == "skip"
+        with pytest.raises(settings.SettingsError, match="^Invalid blind_checks 'pass' from --fdcluster-blind-checks"):
+            self.resolve(option={"fdcluster_blind_checks": "pass"})
 
     def test_reference_settings_become_server_flags(self) -> None:
         resolved = self.resolve({"max_frame": "4096", "handlers": ["a", "b:H"], "strategy": "shared-accept"})
