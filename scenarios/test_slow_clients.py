@@ -38,7 +38,7 @@ def median_latency(cluster, samples=SAMPLES):
 
 def assert_isolated(cluster, baseline, what):
     """isolation: every worker still answers quickly with the hostile clients present."""
-    for n in range(len(cluster.workers)):  # one fresh client per worker's turn, so each worker is measured
+    for _ in range(len(cluster.workers)):  # one fresh client per worker's turn, so each worker is measured
         try:
             loaded = median_latency(cluster, samples=SAMPLES // len(cluster.workers) + 1)
         except Exception as exc:
@@ -78,7 +78,8 @@ def test_incomplete_frames_time_out(fdcluster_factory):
 
 def test_slow_readers_do_not_stall_others(fdcluster):
     baseline = median_latency(fdcluster)
-    readers = [faults.SlowReader(fdcluster.address, requests=64, payload_size=64 * 1024) for _ in range(len(fdcluster.workers))]
+    readers = [faults.SlowReader(fdcluster.address, requests=64, payload_size=64 * 1024)
+               for _ in range(len(fdcluster.workers))]
     try:
         for reader in readers:
             reader.fill(timeout=5.0)
@@ -93,7 +94,8 @@ def test_connection_storm_is_answered(fdcluster):
     result = faults.ConnectionStorm(fdcluster.address, count=300, concurrency=300, timeout=15.0).run()
     assert result.answered == 300, f"liveness: connection storm of 300: {result}"
     try:
-        wait_until(lambda: worker_fd_counts(fdcluster) == before, 5.0, lambda: f"worker fds {worker_fd_counts(fdcluster)} to return to {before}")
+        wait_until(lambda: worker_fd_counts(fdcluster) == before, 5.0,
+                   lambda: f"worker fds {worker_fd_counts(fdcluster)} to return to {before}")
     except ClusterError as exc:
         pytest.fail(f"fd lifecycle: after the storm: {exc}")
 
@@ -107,5 +109,6 @@ def test_abortive_close_leaves_nothing(fdcluster):
     except ClusterError:
         pass
     assert_no_close_wait(fdcluster.snapshot())
-    assert worker_fd_counts(fdcluster) == before, f"fd lifecycle: worker fds after 100 RSTs: {worker_fd_counts(fdcluster)} vs {before}"
+    assert worker_fd_counts(fdcluster) == before, (
+        f"fd lifecycle: worker fds after 100 RSTs: {worker_fd_counts(fdcluster)} vs {before}")
     assert fdcluster.call("ping", "after") == "after"
