@@ -69,11 +69,11 @@ def accepting_processes(cluster):
     """``(pids, why)``: the processes that accept connections for the target's declared strategy, and why."""
     strategy = cluster.capabilities.strategy
     if strategy == "shared-accept":
-        return list(cluster.workers), "the workers accept on the shared listener: declared strategy=shared-accept"
+        return list(cluster.workers), "the workers accept on the shared listener: strategy=shared-accept"
     if strategy == "unknown":
         return ([cluster.master] + list(cluster.workers),
                 "strategy=unknown: who accepts is not declared, so every process is limited")
-    return [cluster.master], f"the master accepts and hands connections off: declared strategy={strategy}"
+    return [cluster.master], f"the master accepts and hands connections off: strategy={strategy}"
 
 
 def describe_limits(cluster, limits):
