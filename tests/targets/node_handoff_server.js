@@ -17,7 +17,8 @@
  * - strategy: round-robin handoff over worker slots; a slot whose worker is still starting keeps
  *   its turn (up to 3 s); a worker with 4 unacknowledged handoffs keeps its turn 200 ms, then is
  *   skipped until it acknowledges one (a frozen worker gets no more than those 4);
- * - respawns dead workers: yes, with a bounded back-off for crash loops (0.2 s doubling to 5 s);
+ * - respawns dead workers: yes, with a bounded back-off for crash loops (0.2 s doubling to 5 s); a fork
+ *   that fails (out of descriptors for its IPC channel, out of processes) is retried with the same back-off;
  * - drains on SIGTERM (primary or worker) and SIGINT: yes, within --grace (5 s), exit 0;
  * - idle timeout: --idle-timeout (30 s; 0 = off): no complete frame for that long closes the connection;
  * - max frame: --max-frame (1 MiB): a larger length prefix gets an error frame, then a clean close;
@@ -132,15 +133,29 @@ function runPrimary(opt) {
   });
 
   function spawnWorker(index) {
-    const worker = cluster.fork();
+    const startedAt = Date.now();
+    let worker;
+    try {
+      worker = cluster.fork();
+    } catch (err) {
+      scheduleRespawn(index, startedAt, `cannot start worker ${index}: ${err.code || err.message}`);
+      return;
+    }
     const rec = {
-      index, worker, ready: false, draining: false, retired: false, startedAt: Date.now(),
+      index, worker, ready: false, draining: false, retired: false, startedAt,
       inflight: new Map(), // handoff id -> our copy of the socket, until the worker acknowledges it
       delivering: [], // handoff ids in send order, until Node's own NODE_HANDLE_ACK / NACK for each
       fullUntil: 0, fullBackoff: FULL_BACKOFF_MS[0], stalledSince: 0,
     };
     slots[index] = rec;
-    worker.on('error', () => {}); // a send to a dying worker: its disconnect gives the sockets back
+    worker.on('error', (err) => {
+      // A fork that failed (EMFILE, ENFILE, EAGAIN: no IPC socketpair or no process) has no pid and never
+      // exits or disconnects, so it is retired here and retried after a back-off.  Any other error is a
+      // send to a dying worker: its disconnect gives the sockets back.
+      if (worker.process.pid !== undefined) return;
+      delete cluster.workers[worker.id]; // Node forgets a worker only on its exit, which never comes
+      retire(rec, `cannot start worker ${index}: ${err.code || err.message}`);
+    });
     worker.on('message', (msg) => onMessage(rec, msg));
     // Node passes handles one at a time and the receiver answers each with NODE_HANDLE_ACK, or NACK when
     // the descriptor did not arrive (MSG_CTRUNC: the worker is out of descriptors).  With keepOpen Node
@@ -190,24 +205,32 @@ function runPrimary(opt) {
     maybeFinishStop();
   }
 
-  /** The worker's channel is closed: no acknowledgement can come any more, so take its sockets back. */
-  function retire(rec) {
+  /** The worker's channel is closed (or never opened): no acknowledgement can come, so take its sockets back. */
+  function retire(rec, why) {
     if (rec.retired) return;
     rec.retired = true;
     if (slots[rec.index] === rec) slots[rec.index] = null;
     queue.unshift(...rec.inflight.values());
     rec.inflight.clear();
-    if (!stopping) {
-      crashes[rec.index] = Date.now() - rec.startedAt < CRASH_WINDOW_MS ? crashes[rec.index] + 1 : 0;
-      const delay = crashes[rec.index] ? Math.min(100 * 2 ** crashes[rec.index], RESPAWN_BACKOFF_MAX_MS) : 0;
-      const timer = setTimeout(() => {
-        respawnTimers.delete(timer);
-        if (!stopping) spawnWorker(rec.index);
-      }, delay);
-      respawnTimers.add(timer);
-    }
+    scheduleRespawn(rec.index, rec.startedAt, why);
     distribute();
     maybeFinishStop();
+  }
+
+  /**
+   * Fork slot ``index`` again, at once unless its workers die young (or cannot be forked at all: out of
+   * descriptors or processes), then after a back-off (0.2 s doubling to 5 s), so a crash loop cannot spin.
+   */
+  function scheduleRespawn(index, startedAt, why) {
+    if (stopping) return;
+    crashes[index] = Date.now() - startedAt < CRASH_WINDOW_MS ? crashes[index] + 1 : 0;
+    const delay = crashes[index] ? Math.min(100 * 2 ** crashes[index], RESPAWN_BACKOFF_MAX_MS) : 0;
+    if (why) log(`${why}; retrying in ${delay} ms`);
+    const timer = setTimeout(() => {
+      respawnTimers.delete(timer);
+      if (!stopping) spawnWorker(index);
+    }, delay);
+    respawnTimers.add(timer);
   }
 
   function announce() {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -21,12 +22,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import psutil
 import pytest
 
-from pytest_fdcluster import wait_until
+from pytest_fdcluster import resources, wait_until
 
 HERE = Path(__file__).resolve().parent
 HEADER = struct.Struct("<I")
@@ -35,6 +36,8 @@ READY_TIMEOUT = 15.0
 ANSWER_TIMEOUT = 5.0
 GRACE = 3.0
 PORT_ATTEMPTS = 5
+#: What a target writes to stderr when it runs out of descriptors (errno 24): Node's code, or Python's strerror.
+OUT_OF_DESCRIPTORS = ("EMFILE", "Too many open files")
 
 needs_node = pytest.mark.skipif(shutil.which("node") is None,
                                 reason="node (Node.js 20) is not on PATH: the Node handoff target cannot run")
@@ -144,6 +147,28 @@ class Target:
             except psutil.NoSuchProcess:
                 pass  # died while listed
         return sorted(alive)
+
+    def wait_for_stderr(self, needles: Sequence[str], timeout: float) -> str:
+        """The target's stderr so far, once it contains one of ``needles``; AssertionError after ``timeout``."""
+        assert self.proc is not None and self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        seen = bytearray()
+
+        def found() -> bool:
+            # Raw reads: the text wrapper's buffer would hide what it already took from the pipe from select().
+            while select.select([fd], [], [], 0)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break  # the target closed its stderr (exited)
+                seen.extend(chunk)
+            text = seen.decode("utf-8", "replace")
+            return any(needle in text for needle in needles)
+
+        try:
+            wait_until(found, timeout, lambda: f"{self.name} to log one of {list(needles)} on stderr")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; stderr so far: {seen.decode('utf-8', 'replace')[-2000:]!r}") from None
+        return seen.decode("utf-8", "replace")
 
     def connect(self) -> Conn:
         conn = Conn(self.port)
@@ -367,6 +392,26 @@ class TestDescriptorExhaustion:
             for sock in socks:
                 sock.close()
         assert target.workers() == workers, f"{target.name}: workers {workers} -> {target.workers()} at EMFILE"
+
+    def test_master_at_its_limit_respawns_once_descriptors_are_back(self, target: Target) -> None:
+        """A worker dies while the master is out of descriptors: the failed start is retried, not given up."""
+        victim = target.workers()[0]
+        lowest = resources.lowest_free_fd(target.pid)
+        # The soft limit at the lowest free number: the replacement's IPC socketpair (Node) or its event loop
+        # (Python, whose child inherits the limit) cannot get a descriptor.
+        with resources.nofile_limit(target.pid, lowest):
+            os.kill(victim, signal.SIGKILL)
+            try:
+                target.wait_for_stderr(OUT_OF_DESCRIPTORS, 10.0)  # proof that the fault bit
+            except AssertionError as exc:
+                pytest.fail(f"{target.name}: no failed start of worker {victim}'s replacement logged with the master "
+                            f"at RLIMIT_NOFILE {lowest} (the limit did not bite, or the failure went unnoticed): {exc}")
+            assert _alive(target.pid), f"{target.name}: master died replacing worker {victim} at RLIMIT_NOFILE {lowest}"
+        wait_until(lambda: len(target.workers()) == WORKERS and victim not in target.workers(), 10.0,
+                   lambda: f"{target.name}: worker {victim} replaced once the master's RLIMIT_NOFILE {lowest} was "
+                           f"restored; live {target.workers()}")
+        for i in range(2 * WORKERS):
+            assert target.connect().call("ping", i)["result"] == i, f"{target.name}: connection {i} after the respawn"
 
 
 def _alive(pid: int) -> bool:
