@@ -37,5 +37,6 @@ __all__ = [
     "CheckFailed", "Client", "ClientError", "ClientTimeout", "Cluster", "ClusterError", "ConnectionClosed",
     "FairnessError", "FdLeakError", "RemoteError", "Snapshot", "assert_fair", "assert_master_holds_no_clients",
     "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
-    "faults", "format_distribution", "hostile", "load", "process_alive", "protocol", "resources", "snapshot", "stats", "wait_until",
+    "faults", "format_distribution", "hostile", "load", "process_alive", "protocol", "resources", "snapshot",
+    "stats", "wait_until",
 ]
