@@ -35,11 +35,21 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Dict, List
 
 import psutil
 import pytest
 
-from pytest_fdcluster import ClientError, ClientTimeout, ClusterError, process_alive, protocol, require, wait_until
+from pytest_fdcluster import (
+    Client,
+    ClientError,
+    ClientTimeout,
+    ClusterError,
+    process_alive,
+    protocol,
+    require,
+    wait_until,
+)
 
 ANSWER_TIMEOUT = 5.0
 RESPAWN_TIMEOUT = 10.0
@@ -57,7 +67,7 @@ def held_by_workers(cluster, clients):
 
     def grouped():
         snap = cluster.snapshot()
-        groups = {}
+        groups: Dict[str, List[Client]] = {}
         for client in clients:
             owner = snap.owner_of(client.local_address)
             if owner is None or owner.pid == snap.master_pid:

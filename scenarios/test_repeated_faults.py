@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any, Dict
 
 import pytest
 
@@ -111,7 +112,7 @@ def test_same_slot_killed_repeatedly_is_replaced_every_time(fdcluster):
 def test_workers_killed_during_a_connection_storm(fdcluster):
     # hold=True: answered connections stay open, so their count shows the storm's progress from this thread.
     storm = faults.ConnectionStorm(fdcluster, STORM, concurrency=CONCURRENCY, hold=True, timeout=STORM_TIMEOUT)
-    outcome = {}
+    outcome: Dict[str, Any] = {}
 
     def run():
         try:
