@@ -103,17 +103,28 @@ def send_pipelined(client, tag):
     return list(params)
 
 
+def next_reply(client, deadline):
+    """The next frame from ``client`` before ``deadline``, or the exception that ended the wait."""
+    try:
+        return client.recv_frame(max(0.05, deadline - time.monotonic()))
+    except (ClientError, OSError) as exc:
+        return exc
+
+
+def is_echo(reply, params):
+    return isinstance(reply, dict) and reply.get("out") == "pong" and reply.get("result") == params
+
+
 def answered_then_closed(client, sent, deadline):
     """Why ``client`` did not get an echo of every one of ``sent``, then a clean EOF; None when it did."""
     where = f"client {client.local_address[0]}:{client.local_address[1]}"
     for number, params in enumerate(sent):
-        try:
-            reply = client.recv_frame(max(0.05, deadline - time.monotonic()))
-        except ClientTimeout:
+        reply = next_reply(client, deadline)
+        if isinstance(reply, ClientTimeout):
             return f"{where}: request {number + 1} of {len(sent)} not answered before the grace period ended"
-        except (ClientError, OSError) as exc:
-            return f"{where}: connection ended before request {number + 1} of {len(sent)} was answered: {exc!r:.120}"
-        if not isinstance(reply, dict) or reply.get("out") != "pong" or reply.get("result") != params:
+        if isinstance(reply, Exception):
+            return f"{where}: connection ended before request {number + 1} of {len(sent)} was answered: {reply!r:.120}"
+        if not is_echo(reply, params):
             return f"{where}: request {number + 1} answered with {reply!r:.120}, expected the echo of {params!r:.80}"
     try:
         how = client.expect_eof(max(0.05, deadline - time.monotonic()))
@@ -126,15 +137,14 @@ def answered_then_closed(client, sent, deadline):
 
 def answered_or_never_accepted(client, params, deadline):
     """A client queued in the listen backlog: answered then a clean EOF, or closed unanswered; never a hang."""
-    where = f"backlog client {client.local_address[0]}:{client.local_address[1]}"
-    try:
-        reply = client.recv_frame(max(0.05, deadline - time.monotonic()))
-    except ClientTimeout:
-        return f"{where}: neither answered nor closed before the grace period ended (it hangs)"
-    except (ClientError, OSError):
+    reply = next_reply(client, deadline)
+    if isinstance(reply, ClientTimeout):
+        return (f"backlog client {client.local_address[0]}:{client.local_address[1]}: neither answered nor closed "
+                "before the grace period ended (it hangs)")
+    if isinstance(reply, Exception):
         return None  # never accepted: the listener closed with it in its queue
-    if not isinstance(reply, dict) or reply.get("out") != "pong" or reply.get("result") != params:
-        return f"{where}: answered with {reply!r:.120}, expected the echo of {params!r:.80}"
+    if not is_echo(reply, params):
+        return f"backlog client answered with {reply!r:.120}, expected the echo of {params!r}"
     return answered_then_closed(client, [], deadline)
 
 
@@ -166,14 +176,9 @@ def test_worker_sigterm_answers_requests_already_sent(fdcluster):
             f"graceful stop: {victim_label} (pid {victim}) got SIGTERM with {PIPELINED} requests "
             f"({PIPELINED * FRAME_SIZE >> 10} KiB) sent on each of "
             f"its {len(sent)} keep-alive connections: " + "; ".join(wrong))
-        lost = []
-        for number, client in enumerate(fresh):
-            try:
-                reply = client.recv_frame(max(0.05, deadline - time.monotonic()))
-            except (ClientError, OSError) as exc:
-                reply = exc
-            if not isinstance(reply, dict) or reply.get("result") != {"fresh": number}:
-                lost.append(f"fresh client {number}: {reply!r:.100}")
+        replies = [next_reply(client, deadline) for client in fresh]
+        lost = [f"fresh client {number}: {reply!r:.100}" for number, reply in enumerate(replies)
+                if not is_echo(reply, {"fresh": number})]
         assert not lost, (f"graceful stop: connections accepted while {victim_label} (pid {victim}) was frozen and "
                           f"then told to stop were not answered: " + "; ".join(lost))
         for label, group in groups.items():
