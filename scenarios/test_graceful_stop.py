@@ -210,18 +210,68 @@ def freeze(pid):
     wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 5.0, lambda: f"pid {pid} to stop")
 
 
-def test_master_sigterm_answers_what_it_accepted_and_exits_0(fdcluster_factory):
+def stopped_listening(cluster):
+    """Wait (bounded, never failing) until the master holds no listening socket: it has acted on SIGTERM."""
+    try:
+        wait_until(lambda: not getattr(cluster.snapshot().master, "listening", None), HELD_TIMEOUT,
+                   lambda: "the master to close its listening socket")
+    except ClusterError:
+        pass  # a target may keep its listener until it exits; its workers are then resumed all the same
+
+
+def exits_0(cluster, deadline, grace):
+    """graceful stop: the master exits before ``deadline``, with status 0, and leaves no worker behind."""
+    try:
+        wait_until(lambda: not cluster.target.alive(), max(0.0, deadline - time.monotonic()),
+                   lambda: f"the master pid {cluster.master} to exit")
+    except ClusterError:
+        pytest.fail(f"graceful stop: the master (pid {cluster.master}) still running {grace:g} s (the grace "
+                    f"period) after SIGTERM, with every accepted connection answered")
+    result = cluster.stop()
+    assert result.returncode == 0 and not result.survivors_killed, (
+        f"graceful stop: the master (pid {cluster.master}) exited "
+        + (f"with status {result.returncode}" if result.returncode is not None else "unreaped")
+        + " after SIGTERM, expected 0"
+        + (f"; its workers {list(result.survivors_killed)} outlived it and were SIGKILLed"
+           if result.survivors_killed else ""))
+
+
+def test_master_sigterm_answers_requests_already_sent_and_exits_0(fdcluster_factory):
     cluster = fdcluster_factory.start()
     require(cluster, "drains")
     grace = cluster.settings.grace
     workers = list(cluster.workers)
     clients = keepalive_clients(cluster, PER_WORKER * len(workers))
-    fresh, backlog, master_frozen = [], [], False
     try:
         held_by_workers(cluster, clients)
         for pid in workers:
             cluster.pause_worker(pid)
         sent = {client: send_pipelined(client, n) for n, client in enumerate(clients)}
+        cluster.kill_master(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        # Workers resume once the master acted on SIGTERM: a stop it passes on finds their requests unread.
+        stopped_listening(cluster)
+        for pid in workers:
+            cluster.resume_worker(pid)
+        wrong = [why for client, params in sent.items() if (why := answered_then_closed(client, params, deadline))]
+        assert not wrong, (
+            f"graceful stop: the master (pid {cluster.master}) got SIGTERM with {PIPELINED} requests "
+            f"({PIPELINED * FRAME_SIZE >> 10} KiB) sent on each of {len(sent)} keep-alive connections of its frozen "
+            f"workers: " + "; ".join(wrong))
+        exits_0(cluster, deadline, grace)
+    finally:
+        close_all(clients)
+
+
+def test_master_sigterm_drops_nothing_accepted_and_exits_0(fdcluster_factory):
+    cluster = fdcluster_factory.start()
+    require(cluster, "drains")
+    grace = cluster.settings.grace
+    workers = list(cluster.workers)
+    fresh, backlog, master_frozen = [], [], False
+    try:
+        for pid in workers:
+            cluster.pause_worker(pid)
         # More than the workers' handoff windows: the master holds some itself, accepted but not handed off.
         fresh = [cluster.client(ANSWER_TIMEOUT) for _ in range(3 * len(workers) + 4)]
         for number, client in enumerate(fresh):
@@ -233,7 +283,6 @@ def test_master_sigterm_answers_what_it_accepted_and_exits_0(fdcluster_factory):
             pass  # whatever it did not accept is judged as a backlog client below
         snap = cluster.snapshot()
         accepted = {client: [{"fresh": n}] for n, client in enumerate(fresh) if snap.owner_of(client.local_address)}
-        sent.update(accepted)
         unaccepted = {client: {"fresh": n} for n, client in enumerate(fresh) if client not in accepted}
         freeze(cluster.master)
         master_frozen = True
@@ -243,33 +292,20 @@ def test_master_sigterm_answers_what_it_accepted_and_exits_0(fdcluster_factory):
             client.send_frame({"in": "ping", "params": {"backlog": number}})
             unaccepted[client] = {"backlog": number}
         cluster.kill_master(signal.SIGTERM)
-        stopped_at = time.monotonic()
+        deadline = time.monotonic() + grace
         psutil.Process(cluster.master).resume()
         master_frozen = False
         for pid in workers:
             cluster.resume_worker(pid)
-        deadline = stopped_at + grace
-        wrong = [why for client, params in sent.items() if (why := answered_then_closed(client, params, deadline))]
+        wrong = [why for client, params in accepted.items() if (why := answered_then_closed(client, params, deadline))]
         assert not wrong, (
-            f"graceful stop: the master (pid {cluster.master}) got SIGTERM with {len(sent)} accepted connections "
-            f"waiting for answers ({len(accepted)} of them not yet served once): " + "; ".join(wrong))
+            f"graceful stop: the master (pid {cluster.master}) got SIGTERM holding {len(accepted)} accepted "
+            f"connections its frozen workers had not taken yet: " + "; ".join(wrong))
         hung = [why for client, params in unaccepted.items()
                 if (why := answered_or_never_accepted(client, params, deadline))]
         assert not hung, "graceful stop: after SIGTERM to the master: " + "; ".join(hung)
-        try:
-            wait_until(lambda: not cluster.target.alive(), max(0.0, deadline - time.monotonic()),
-                       lambda: f"the master pid {cluster.master} to exit")
-        except ClusterError:
-            pytest.fail(f"graceful stop: the master (pid {cluster.master}) still running {grace:g} s (the grace "
-                        f"period) after SIGTERM, with every accepted connection answered")
-        result = cluster.stop()
-        assert result.returncode == 0 and not result.survivors_killed, (
-            f"graceful stop: the master (pid {cluster.master}) exited "
-            + (f"with status {result.returncode}" if result.returncode is not None else "unreaped")
-            + " after SIGTERM, expected 0"
-            + (f"; its workers {list(result.survivors_killed)} outlived it and were SIGKILLed"
-               if result.survivors_killed else ""))
+        exits_0(cluster, deadline, grace)
     finally:
         if master_frozen:
             psutil.Process(cluster.master).resume()
-        close_all(clients + fresh + backlog)
+        close_all(fresh + backlog)
