@@ -16,7 +16,8 @@ Invariant checked (repeated faults, 8):
   running worker holds at most the storm's ``CONCURRENCY`` connections in
   flight, and the frozen one could accept none (a descriptor passed to a
   stopped process waits in its socket's queue), so at most ``CONCURRENCY``
-  may end unanswered.
+  may end unanswered.  With two workers both die, so the target must
+  declare that it respawns (``require``).
 - a worker paused long enough to fill its handoff window (connections keep
   arriving and are passed to the others) answers what it was handed once it
   resumes, and then gets its share again: sequential connections spread
@@ -110,6 +111,7 @@ def test_same_slot_killed_repeatedly_is_replaced_every_time(fdcluster):
 
 
 def test_workers_killed_during_a_connection_storm(fdcluster):
+    require(fdcluster, "respawns")  # every worker of a two-worker cluster dies: only replacements can finish it
     # hold=True: answered connections stay open, so their count shows the storm's progress from this thread.
     storm = faults.ConnectionStorm(fdcluster, STORM, concurrency=CONCURRENCY, hold=True, timeout=STORM_TIMEOUT)
     outcome: Dict[str, Any] = {}
@@ -150,7 +152,7 @@ def test_workers_killed_during_a_connection_storm(fdcluster):
     problems = []
     if result.timed_out:
         problems.append(f"{result.timed_out} connections hung: no answer, no EOF, no RST within {STORM_TIMEOUT:g} s")
-    if result.refused or result.other or result.connected != result.attempted:
+    if result.refused or result.other:
         problems.append(f"the master stopped taking connections: {result.refused} refused, other errors "
                         f"{dict(result.other)}, {result.connected} of {result.attempted} connected")
     if result.mismatched:
@@ -161,11 +163,10 @@ def test_workers_killed_during_a_connection_storm(fdcluster):
     assert storm_running, f"repeated faults: the storm ended before workers {victims} were killed: {result}"
     assert not problems, (f"repeated faults: running worker pid {victims[0]} and frozen worker pid {victims[1]} "
                           f"SIGKILLed during a storm of {STORM} connections: " + "; ".join(problems) + f" ({result})")
-    if fdcluster.capabilities.respawns:
-        try:
-            fdcluster.wait_for_workers(timeout=REPLACE_TIMEOUT, gone=victims)
-        except ClusterError as exc:
-            pytest.fail(f"repeated faults: workers {victims} killed during the storm were not replaced: {exc}")
+    try:
+        fdcluster.wait_for_workers(timeout=REPLACE_TIMEOUT, gone=victims)
+    except ClusterError as exc:
+        pytest.fail(f"repeated faults: workers {victims} killed during the storm were not replaced: {exc}")
     serves(fdcluster, f"after workers {victims} were killed during a storm")
 
 
