@@ -85,10 +85,10 @@ class Generations:
         newcomers = [pid for pid in workers if pid not in known]
         labels = self.cluster.labels()
         free = [self.first(pid) for pid in victims]
-        # The reference server labels a worker by its slot; elsewhere labels follow age, so pair in order.
+        # The reference server labels a worker by its slot; elsewhere labels follow age, so the rest pair in order.
         for pid in list(newcomers):
             same_slot = [root for root in free if self.views[root].label == labels.get(pid)]
-            if same_slot and self.cluster.is_reference:
+            if same_slot:
                 self.origin[pid] = same_slot[0]
                 free.remove(same_slot[0])
                 newcomers.remove(pid)
