@@ -9,7 +9,8 @@ is alive and the port refuses connections.
 
 ``StopResult`` says what the stop found and did, and judges it: a master that
 had to be SIGKILLed after the grace period, or that exited non-zero after our
-SIGTERM, did not stop gracefully (``StopResult.graceful_failure``).
+SIGTERM, did not stop gracefully (``StopResult.graceful_failure``);
+``describe_stop`` is its one line for the cluster's log.
 
 No pytest import.
 """
