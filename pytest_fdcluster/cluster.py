@@ -27,6 +27,7 @@ from .capabilities import Capabilities
 from .client import Client, ClientError
 from .polling import ClusterError, wait_until
 from .settings import ClusterSettings
+from .stopping import describe_stop
 from .target import RunningTarget, StopResult, TargetSpec, start_target
 
 WorkerRef = Union[int, str]
@@ -151,8 +152,13 @@ class Cluster:
     # -- talking to it ----------------------------------------------------------------
 
     def client(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> Client:
-        """A connected protocol client; use it as a context manager."""
-        return Client(self.address, timeout=timeout)
+        """A connected protocol client; use it as a context manager.
+
+        Its ``cluster`` is this cluster, so a fault done on the client is recorded in ``events``.
+        """
+        client = Client(self.address, timeout=timeout)
+        client.cluster = self  # type: ignore[attr-defined]  # Client does not declare it: it knows no clusters
+        return client
 
     def call(self, method: str, params: Any = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
         """One request on a fresh connection; returns the result, raises ``RemoteError`` on an error frame."""
@@ -339,7 +345,7 @@ class Cluster:
                 self.final = None
         result = self.stop_result = self.target.stop()
         self._record("stopped")
-        log.info("%s: stopped in %.3f s: %s", self.name, result.seconds, _describe_stop(result))
+        log.info("%s: stopped in %.3f s: %s", self.name, result.seconds, describe_stop(result))
         return result
 
     def _signal(self, pid: int, sig: int) -> None:
@@ -364,26 +370,6 @@ def _status(pid: int) -> Optional[str]:
         return psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return None
-
-
-def _describe_stop(result: StopResult) -> str:
-    """One line for the log: how the master ended and what had to be killed."""
-    if result.exited_before_stop:
-        how = f"master had already exited ({result.returncode})"
-    elif result.master_killed:
-        how = f"master SIGKILLed after the {result.grace:g} s grace period"
-    else:
-        how = f"master exited {result.returncode} after SIGTERM"
-    parts = [how]
-    if result.signalled_by_test:
-        parts.append(f"the test sent it {', '.join(result.signalled_by_test)}")
-    if result.survivors_killed:
-        parts.append(f"SIGKILLed survivors {list(result.survivors_killed)}")
-    if result.remaining:
-        parts.append(f"LEFT ALIVE {list(result.remaining)}")
-    if not result.port_released:
-        parts.append("port still accepting")
-    return "; ".join(parts)
 
 
 def _seen_whole(snap: observe.Snapshot) -> Optional[observe.Snapshot]:
