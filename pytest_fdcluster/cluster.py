@@ -222,13 +222,18 @@ class Cluster:
 
     # -- faults on workers ------------------------------------------------------------------
 
-    def kill_worker(self, worker: WorkerRef = 0, sig: int = signal.SIGKILL, timeout: float = KILL_TIMEOUT) -> int:
+    def kill_worker(self, worker: WorkerRef = 0, sig: int = signal.SIGKILL, timeout: float = KILL_TIMEOUT,
+                    wait: bool = True) -> int:
         """Send ``sig`` (SIGKILL by default) to one worker and return its pid once it is dead.
 
         Dead includes a zombie its master has not reaped yet.  From then on the
         pid is never listed in ``workers``, so ``wait_for_workers(n)`` waits for
         its replacement.  Raises ``ClusterError`` if it is still alive after
         ``timeout`` seconds (a worker that handles ``sig`` and keeps running).
+        A paused worker is continued after ``sig`` (it could not act on it
+        otherwise).  ``wait=False`` returns at once, for a SIGTERM whose drain
+        needs the test's clients to keep reading; the worker is still never
+        listed again.
         """
         __tracebackhide__ = True
         pid = self.worker_pid(worker)
@@ -243,8 +248,9 @@ class Cluster:
             self._signal(pid, signal.SIGCONT)
         self._record(f"{name} worker pid {pid}")
         log.info("%s: %s worker pid %d", self.name, name, pid)
-        wait_until(lambda: not process_alive(pid), timeout,
-                   lambda: f"worker pid {pid} of {self.name} to die after {name}; it is still {_status(pid)}")
+        if wait:  # a worker that survives the signal stays listed: the error says so
+            wait_until(lambda: not process_alive(pid), timeout,
+                       lambda: f"worker pid {pid} of {self.name} to die after {name}; it is still {_status(pid)}")
         self.paused.discard(pid)
         self.killed[pid] = created
         return pid

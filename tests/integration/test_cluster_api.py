@@ -90,6 +90,12 @@ class TestKillWorker:
         assert not process_alive(victim), f"worker pid {victim} still runs after kill_worker returned"
         assert victim not in fdcluster.workers and len(fdcluster.workers) == 1
 
+    @pytest.mark.fdcluster(server=stubborn("--drain", "0.5"), workers=2)
+    def test_without_waiting_a_draining_worker_is_no_longer_listed(self, fdcluster):
+        victim = fdcluster.kill_worker(0, signal.SIGTERM, wait=False)
+        assert process_alive(victim), "the worker should still be draining right after SIGTERM"
+        assert victim not in fdcluster.workers and len(fdcluster.workers) == 1
+
     @pytest.mark.fdcluster(server=stubborn(), workers=1)
     def test_a_worker_that_survives_the_signal_is_named(self, fdcluster):
         (survivor,) = fdcluster.workers
