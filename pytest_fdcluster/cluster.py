@@ -157,7 +157,7 @@ class Cluster:
         Its ``cluster`` is this cluster, so a fault done on the client is recorded in ``events``.
         """
         client = Client(self.address, timeout=timeout)
-        client.cluster = self  # type: ignore[attr-defined]  # Client does not declare it: it knows no clusters
+        client.cluster = self
         return client
 
     def call(self, method: str, params: Any = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
