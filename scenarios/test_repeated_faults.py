@@ -171,6 +171,14 @@ def test_workers_killed_during_a_connection_storm(fdcluster):
 
 
 def test_paused_worker_gets_its_share_after_resume(fdcluster):
+    """Only a handoff target has a window a paused worker can fill and a share it is owed afterwards.
+
+    A target declaring shared-accept has neither (the kernel decides who accepts), so the
+    test says so and skips; any other strategy must be declared round-robin to be judged.
+    """
+    if fdcluster.capabilities.strategy == "shared-accept":
+        pytest.skip("repeated faults: a shared-accept target has no handoff window to fill and promises no share; "
+                    "its paused workers are judged by test_load_balance and test_quiescence")
     require(fdcluster, "strategy", "round-robin")
     paused = fdcluster.pause_worker(0)
     label = fdcluster.labels().get(paused, f"pid {paused}")
