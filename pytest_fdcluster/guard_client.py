@@ -16,11 +16,22 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Optional, Set
+from typing import Any, Optional, Sequence, Set
 
 from . import guard
 
-__all__ = ["GuardLink", "link"]
+__all__ = ["GuardLink", "link", "spawn_detached"]
+
+
+def spawn_detached(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` of a child detached from pytest: its own session and none of our descriptors.
+
+    Its own session, so a signal to pytest's process group (Ctrl-C) does not
+    reach it; ``close_fds``, so it holds none of pytest's pipes open -- the
+    guard's above all, whose EOF is the watchdog's only news of our death.
+    Used for the watchdog and for every target.
+    """
+    return subprocess.Popen(argv, start_new_session=True, close_fds=True, **kwargs)
 
 
 class GuardLink:
@@ -39,17 +50,9 @@ class GuardLink:
             argv = [sys.executable, "-I", "-S", path]
         else:
             argv = [sys.executable, "-m", "pytest_fdcluster.guard"]
-        # Its own session, so a signal to pytest's process group does not reach it.
         # Its stdin's write end is created close-on-exec and targets are spawned
-        # with close_fds=True, so no target holds the pipe open.
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
+        # detached too, so no target holds the pipe open.
+        self._proc = spawn_detached(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._owner = os.getpid()
 
     def _usable(self) -> bool:

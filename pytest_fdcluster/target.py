@@ -42,6 +42,7 @@ from fdcluster_server.signals import parent_death_preexec
 
 from . import proctree
 from .guard_client import link as guard_link
+from .guard_client import spawn_detached
 from .readiness import TargetStartupError, await_ready, parse_ready_line
 from .stopping import GRACEFUL_SIGKILLED, GRACEFUL_SIGNAL, GRACEFUL_STATUS, StopResult, stop_session
 from .text import shell_join
@@ -344,13 +345,11 @@ def _launch(spec: TargetSpec, port: Optional[int]) -> RunningTarget:
     if _IS_LINUX and threading.current_thread() is threading.main_thread():
         preexec = parent_death_preexec(os.getpid())
     try:
-        process = subprocess.Popen(
+        process = spawn_detached(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            start_new_session=True,
-            close_fds=True,
             env=env,
             cwd=spec.cwd,
             preexec_fn=preexec,

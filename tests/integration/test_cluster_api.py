@@ -26,7 +26,7 @@ from pytest_fdcluster import ClusterError, ObservationError, ObservationSkipped,
 from pytest_fdcluster.observe import BLIND_FAILED, BLIND_OPTION
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STUBBORN = REPO_ROOT / "tests" / "plugin" / "stubborn_target.py"
+STUBBORN = REPO_ROOT / "tests" / "support" / "stubborn_target.py"
 
 #: Bound on every wait for the cluster to react.
 DEADLINE = 10.0

@@ -15,6 +15,7 @@ import logging
 import math
 import socket
 import threading
+from contextlib import closing
 from typing import Any, Iterator, List, Optional
 
 import pytest
@@ -219,20 +220,14 @@ class SpacedJsonServer(MisbehavingServer):
 
 @pytest.fixture
 def misbehaving() -> Iterator[MisbehavingServer]:
-    server = MisbehavingServer()
-    try:
+    with closing(MisbehavingServer()) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def spaced() -> Iterator[SpacedJsonServer]:
-    server = SpacedJsonServer()
-    try:
+    with closing(SpacedJsonServer()) as server:
         yield server
-    finally:
-        server.close()
 
 
 class TestErrorKinds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -11,38 +12,12 @@ from fdcluster_server.config import READY_TAG
 from pytest_fdcluster.readiness import parse_ready_line
 from pytest_fdcluster.target import TargetSpec, TargetStartupError, start_target
 
-# Serves ping at once, but announces readiness only once the test creates the go file.
-LATE_ANNOUNCER = r"""
-import json, os, socket, sys, threading, time
-from fdcluster_server import protocol
-port, go = int(sys.argv[1]), sys.argv[2]
-listener = socket.create_server(("127.0.0.1", port))
-def serve(conn):
-    decoder = protocol.FrameDecoder()
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            return
-        for body in decoder.feed(data):
-            conn.sendall(protocol.response("pong", protocol.parse_request(body)[1]))
-def accept():
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-threading.Thread(target=accept, daemon=True).start()
-deadline = time.monotonic() + 30
-while not os.path.exists(go) and time.monotonic() < deadline:
-    time.sleep(0.01)
-info = {"host": "127.0.0.1", "port": port, "pid": os.getpid(), "workers": []}
-print("fdcluster-ready " + json.dumps(info), flush=True)
-time.sleep(60)
-"""
+#: Serves ping at once, but announces readiness only once the test creates the go file.
+LATE_ANNOUNCER = Path(__file__).resolve().parents[1] / "support" / "late_announcer.py"
 
 
 def spec(tmp_path, ready_line, timeout=10.0):
-    script = tmp_path / "late.py"
-    script.write_text(LATE_ANNOUNCER)
-    return TargetSpec([sys.executable, str(script), "{port}", str(tmp_path / "go")], workers=0,
+    return TargetSpec([sys.executable, str(LATE_ANNOUNCER), "{port}", str(tmp_path / "go")], workers=0,
                       startup_timeout=timeout, ready_line=ready_line, grace=0)
 
 

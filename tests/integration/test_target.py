@@ -1,6 +1,6 @@
 """Integration tests of target start-up and teardown, with real processes and sockets.
 
-Targets: a small Python prefork server (written to a temporary file; its
+Targets: a small Python prefork server (tests/support/prefork_target.py; its
 options switch on misbehaviours such as ignoring SIGTERM or abandoning its
 workers) and the Node.js cluster server under tests/targets/.  Every process
 a test sees is recorded and killed at teardown, whatever the test's outcome.
@@ -18,17 +18,23 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, List, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, List, Sequence
 
 import psutil
 import pytest
 
 from fdcluster_server import protocol
-from pytest_fdcluster import guard, guard_client, proctree, target
+from pytest_fdcluster import guard, guard_client, proctree, target, wait_until
 from pytest_fdcluster.client import Client
 from pytest_fdcluster.target import RunningTarget, TargetSpec, TargetStartupError, start_target
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SUPPORT = REPO_ROOT / "tests" / "support"
+# tests/support is a folder of scripts and helpers, not a package: it goes on the path to be imported.
+sys.path.insert(0, str(SUPPORT))
+import reaping  # noqa: E402
+from reaping import is_live  # noqa: E402
 
 needs_node = pytest.mark.skipif(
     shutil.which("node") is None,
@@ -38,112 +44,12 @@ linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; the orphan guard's session scan is Linux-only"
 )
 
-NODE_SERVER = Path(__file__).resolve().parent.parent / "targets" / "node_cluster_server.js"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+NODE_SERVER = REPO_ROOT / "tests" / "targets" / "node_cluster_server.js"
+PREFORK_TARGET = SUPPORT / "prefork_target.py"
 PYTHONPATH = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "server")])
 
 #: Bound on every wait for observed state in these tests.
 DEADLINE = 5.0
-
-PREFORK_SERVER = r'''
-"""A tiny Python prefork target: workers accept on the master's listening socket."""
-import argparse, json, os, signal, socket, sys, threading, time
-
-from fdcluster_server import protocol
-
-
-def serve_connection(conn):
-    decoder = protocol.FrameDecoder()
-    with conn:
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            for body in decoder.feed(data):
-                try:
-                    method, params = protocol.parse_request(body)
-                except protocol.ProtocolError as exc:
-                    conn.sendall(protocol.error(str(exc)))
-                    continue
-                if method == "ping":
-                    conn.sendall(protocol.response(protocol.OUT_PONG, params))
-                elif method == "pid":
-                    conn.sendall(protocol.response("ok", os.getpid()))
-                else:
-                    conn.sendall(protocol.error("unknown method %r" % method))
-            if decoder.failure is not None:
-                conn.sendall(protocol.error(str(decoder.failure)))
-                return
-
-
-def accept_forever(listener):
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--workers", type=int, required=True)
-    parser.add_argument("--fork", type=int, help="workers actually forked (default: --workers)")
-    parser.add_argument("--worker-delay", type=float, default=0.0)
-    parser.add_argument("--master-serves", action="store_true")
-    parser.add_argument("--ready-line", action="store_true")
-    parser.add_argument("--ignore-term", action="store_true")
-    parser.add_argument("--term-exit", type=int, default=0, help="the master's exit status after SIGTERM")
-    parser.add_argument("--abandon-workers", action="store_true")
-    parser.add_argument("--new-group", action="store_true")
-    args = parser.parse_args()
-
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", args.port))
-    listener.listen(128)
-    workers = []
-
-    def on_term(signum, frame):
-        if not args.abandon_workers:
-            for pid in workers:
-                os.kill(pid, signal.SIGTERM)
-            for pid in workers:
-                os.waitpid(pid, 0)
-        os._exit(args.term_exit)
-
-    # Installed before forking so an early SIGTERM already takes the orderly path.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else on_term)
-    if args.master_serves:
-        threading.Thread(target=accept_forever, args=(listener,), daemon=True).start()
-    if args.worker_delay:
-        time.sleep(args.worker_delay)
-    for _ in range(args.workers if args.fork is None else args.fork):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                if not args.ignore_term:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                if args.new_group:
-                    os.setpgid(0, 0)
-                accept_forever(listener)
-            finally:
-                os._exit(0)
-        workers.append(pid)
-    if args.ready_line:
-        info = {"host": "127.0.0.1", "port": listener.getsockname()[1], "pid": os.getpid(),
-                "workers": workers, "strategy": "shared-accept", "control": "@prefork-test"}
-        print("fdcluster-ready " + json.dumps(info), flush=True)
-    while True:
-        signal.pause()
-
-
-main()
-'''
 
 # Stands in for a pytest process that starts a target and is then SIGKILLed.
 DRIVER = r'''
@@ -157,30 +63,8 @@ print(json.dumps({"master": running.master_pid, "workers": running.worker_pids()
 sys.stdin.read()
 '''
 
-T = TypeVar("T")
-
 
 # -- helpers ----------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-
-
-def is_live(proc: psutil.Process) -> bool:
-    """Running and not a zombie (an unreaped corpse is dead for our purposes)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def pid_gone(pid: int) -> bool:
@@ -222,13 +106,12 @@ def match_lines(text: str, patterns: Sequence[str]) -> None:
     pytest.fail("message does not match\n--- message:\n" + text + "\n--- patterns:\n" + "\n".join(patterns))
 
 
-class Reaper:
-    """Records every target and process a test sees; kills them all at teardown."""
+class Reaper(reaping.Reaper):
+    """The shared reaper, which also stops every target the test started, before it kills what is left."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.targets: List[RunningTarget] = []
-        self.popens: List[subprocess.Popen] = []
-        self.procs: List[psutil.Process] = []
 
     def start(self, spec: TargetSpec) -> RunningTarget:
         """``start_target``, remembering the target and its processes."""
@@ -237,69 +120,25 @@ class Reaper:
         self.track(running.master_pid, *running.worker_pids())
         return running
 
-    def track(self, *pids: int) -> List[psutil.Process]:
-        """Remember ``pids`` (as psutil handles, safe against pid reuse); return the live ones."""
-        found = []
-        for pid in pids:
-            try:
-                proc = psutil.Process(pid)
-            except psutil.NoSuchProcess:
-                continue
-            self.procs.append(proc)
-            found.append(proc)
-        return found
-
-    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-        """``subprocess.Popen``, remembering the process."""
-        proc = subprocess.Popen(argv, **kwargs)
-        self.popens.append(proc)
-        self.track(proc.pid)
-        return proc
-
-    def finalize(self) -> None:
-        """Stop every target, kill and reap every process, and check they are all gone."""
+    def close(self) -> None:
         for running in self.targets:
             running.stop(grace=0)
-        for proc in self.popens:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(DEADLINE)
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-        for proc in self.procs:
-            if is_live(proc):
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
-        wait_until(lambda: not live(self.procs), "every process the test saw to die")
+        super().close()
 
 
 @pytest.fixture
 def reaper() -> Iterator[Reaper]:
     """A ``Reaper`` that cleans up after the test, whatever its outcome."""
-    r = Reaper()
-    try:
-        yield r
-    finally:
-        r.finalize()
-
-
-@pytest.fixture(scope="module")
-def prefork_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Python prefork target, written to a file."""
-    path = tmp_path_factory.mktemp("targets") / "prefork_server.py"
-    path.write_text(PREFORK_SERVER)
-    return path
+    with Reaper() as tracked:
+        yield tracked
 
 
 @pytest.fixture
-def prefork(prefork_script: Path) -> Callable[..., List[str]]:
+def prefork() -> Callable[..., List[str]]:
     """Build a prefork target command: ``prefork("--ignore-term")``."""
 
     def command(*options: str, port: bool = True) -> List[str]:
-        argv = [sys.executable, str(prefork_script), "--workers", "{workers}"]
+        argv = [sys.executable, str(PREFORK_TARGET), "--workers", "{workers}"]
         if port:
             argv += ["--port", "{port}"]
         return argv + list(options)
@@ -375,7 +214,8 @@ class TestNodeTarget:
         os.kill(victim, signal.SIGKILL)
         wait_until(
             lambda: victim not in running.worker_pids() and len(running.worker_pids()) == 2,
-            "the node primary to replace its killed worker",
+            DEADLINE,
+            lambda: "the node primary to replace its killed worker",
         )
         reaper.track(*running.worker_pids())
         with Client(running.address) as client:
@@ -607,7 +447,9 @@ class TestStop:
         workers = running.worker_pids()
         seen = reaper.track(running.master_pid, *workers)
         wait_until(
-            lambda: all(os.getpgid(pid) == pid for pid in workers), "the workers to move to their own groups"
+            lambda: all(os.getpgid(pid) == pid for pid in workers),
+            DEADLINE,
+            lambda: "the workers to move to their own groups",
         )
 
         result = running.stop()
@@ -622,7 +464,7 @@ class TestStop:
         workers = running.worker_pids()
         seen = reaper.track(running.master_pid, *workers)
         os.kill(running.master_pid, signal.SIGKILL)
-        wait_until(lambda: not running.alive(), "the master to die")
+        wait_until(lambda: not running.alive(), DEADLINE, lambda: "the master to die")
         # Orphaned workers are still found, through the session.
         assert running.worker_pids() == workers
 
@@ -695,15 +537,18 @@ class TestOrphanGuard:
         driver.kill()
         driver.wait(DEADLINE)
 
-        wait_until(lambda: not live(doomed), f"every target process to die: still live {live(doomed)}")
-        wait_until(lambda: not live(guard_proc), "the guard to exit")
+        wait_until(lambda: not live(doomed), DEADLINE,
+                   lambda: f"every target process to die: still live {live(doomed)}")
+        wait_until(lambda: not live(guard_proc), DEADLINE, lambda: "the guard to exit")
 
     def test_guard_kills_watched_and_spares_forgotten_sessions(self, reaper: Reaper) -> None:
         sleeper = [sys.executable, "-c", "import os, time; os.fork(); time.sleep(60)"]
         watched = reaper.popen(sleeper, start_new_session=True)
         forgotten = reaper.popen(sleeper, start_new_session=True)
-        watched_procs = wait_until(lambda: session_of_two(watched.pid), "the watched session to fork")
-        forgotten_procs = wait_until(lambda: session_of_two(forgotten.pid), "the forgotten session to fork")
+        watched_procs = wait_until(lambda: session_of_two(watched.pid), DEADLINE,
+                                   lambda: "the watched session to fork")
+        forgotten_procs = wait_until(lambda: session_of_two(forgotten.pid), DEADLINE,
+                                     lambda: "the forgotten session to fork")
         watched_seen = reaper.track(*watched_procs)
         forgotten_seen = reaper.track(*forgotten_procs)
 
@@ -718,7 +563,7 @@ class TestOrphanGuard:
         watchdog.stdin.close()
         assert watchdog.wait(DEADLINE) == 0
 
-        wait_until(lambda: not live(watched_seen), "the watched session to die")
+        wait_until(lambda: not live(watched_seen), DEADLINE, lambda: "the watched session to die")
         assert sorted(live(forgotten_seen)) == sorted(forgotten_procs)
 
     def test_guard_starts_without_psutil_or_pytest(self) -> None:

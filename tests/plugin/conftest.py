@@ -38,8 +38,5 @@ def inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def reaper() -> Iterator[Reaper]:
     """Kill and reap, at teardown, every process the test registered."""
-    tracked = Reaper()
-    try:
+    with Reaper() as tracked:
         yield tracked
-    finally:
-        tracked.close()

@@ -4,22 +4,19 @@ The tests run pytest inside pytest.  An inner test records the processes of
 its clusters (pid and start time, so a recycled pid is never mistaken for
 one of ours) in a JSON file with ``write_pids`` from ``INNER_CONFTEST``; the
 outer test checks them after the inner run.  Everything an outer test starts
-or learns of goes to a ``Reaper``, which SIGKILLs and reaps what is still
-alive at teardown, whatever the outcome.
+or learns of goes to a ``Reaper`` (tests/support/reaping.py), which SIGKILLs
+and reaps what is still alive at teardown, whatever the outcome.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List
 
 import psutil
 import pytest
@@ -28,8 +25,14 @@ from pytest_fdcluster import wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-STUBBORN_TARGET = HERE / "stubborn_target.py"
+SUPPORT = REPO_ROOT / "tests" / "support"
+STUBBORN_TARGET = SUPPORT / "stubborn_target.py"
 NODE_SERVER = HERE.parent / "targets" / "node_cluster_server.js"
+
+# tests/support is a folder of scripts and helpers, not a package: it goes on the path to be imported.
+sys.path.insert(0, str(SUPPORT))
+from reaping import ProcessRecord as ProcessRecord  # noqa: E402  (re-exported for this folder's tests)
+from reaping import Reaper as Reaper  # noqa: E402
 
 #: Bound on every wait for observed state (a pid gone, a file written).
 DEADLINE = 5.0
@@ -56,9 +59,6 @@ def write_pids(path, *clusters):
         json.dump(records, out)
     os.replace(path + ".tmp", path)
 '''
-
-ProcessRecord = Tuple[int, float]
-
 
 def stubborn_command(*extra: str) -> str:
     """``--fdcluster-server`` template of the target that ignores SIGTERM."""
@@ -87,61 +87,6 @@ def same_process_alive(pid: int, create_time: float) -> bool:
 def read_records(path: Path) -> List[ProcessRecord]:
     """The (pid, create_time) records an inner test wrote with ``write_pids``."""
     return [(int(pid), float(created)) for pid, created in json.loads(path.read_text())]
-
-
-class Reaper:
-    """Processes an outer test started or learned of; all SIGKILLed and reaped at teardown."""
-
-    def __init__(self) -> None:
-        self.popens: List[subprocess.Popen] = []
-        self.procs: List[psutil.Process] = []
-
-    def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
-        """Start ``argv`` in a new session (so signals meant for us never reach it) and track it."""
-        proc = subprocess.Popen(list(argv), start_new_session=True, **kwargs)
-        self.popens.append(proc)
-        return proc
-
-    def track(self, procs: Iterable[psutil.Process]) -> None:
-        """Also kill these at teardown (psutil refuses to signal a recycled pid)."""
-        self.procs.extend(procs)
-
-    def track_records(self, records: Iterable[ProcessRecord]) -> None:
-        """Track recorded processes that still are the ones recorded."""
-        for pid, created in records:
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created:
-                    self.procs.append(proc)
-            except psutil.Error:
-                continue
-
-    def close(self) -> None:
-        for proc in self.popens:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    proc.kill()
-            proc.wait(DEADLINE)
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-        for proc in self.procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        # Not our children: whoever adopted them reaps them; dead (a zombie) is all we can wait for.
-        wait_until(lambda: not [p for p in self.procs if _is_live(p)], DEADLINE,
-                   lambda: f"tracked processes to die: {[p.pid for p in self.procs if _is_live(p)]}")
-
-
-def _is_live(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def assert_all_gone(records: Iterable[ProcessRecord], what: str, timeout: float = DEADLINE) -> None:

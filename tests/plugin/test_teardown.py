@@ -76,7 +76,7 @@ def inner_log(pytester: pytest.Pytester) -> str:
 def everything_of(pytester: pytest.Pytester, reaper: Reaper, proc: subprocess.Popen) -> List[ProcessRecord]:
     """The cluster's recorded processes and every descendant of the inner pytest, all tracked."""
     descendants = psutil.Process(proc.pid).children(recursive=True)
-    reaper.track(descendants)
+    reaper.track_processes(descendants)
     records = read_records(pytester.path / "pids.json")
     reaper.track_records(records)
     records += [(child.pid, child.create_time()) for child in descendants]
@@ -179,7 +179,7 @@ class TestTeardown:
             if escaped.exists():
                 daemon = psutil.Process(int(escaped.read_text()))
                 if "stubborn_target.py" in " ".join(daemon.cmdline()):
-                    reaper.track([daemon])
+                    reaper.track_processes([daemon])
         result.assert_outcomes(passed=3, errors=3)
         result.stdout.fnmatch_lines([
             "*ERROR at teardown of test_escaped_listener_keeps_the_port*",

@@ -1,7 +1,7 @@
 """An external fdcluster target that makes teardown hard: ``python stubborn_target.py PORT WORKERS``.
 
-A shared-accept prefork server speaking the protocol (``ping`` echoes its
-params, ``pid`` answers the serving process's pid) whose master and workers
+A shared-accept prefork server speaking the protocol (``protocol_server``:
+``ping`` echoes its params, ``pid`` answers the serving process's pid) whose master and workers
 all ignore SIGTERM, so only SIGKILL stops them.  Options:
 
     --term-exit STATUS  the master answers SIGTERM after all: it kills its
@@ -23,51 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import threading
 from typing import List
 
-from fdcluster_server import protocol
+from protocol_server import accept_forever, listen
 
 #: Upper bound on the escaped daemon's life, should the test that kills it fail first.
 ESCAPE_LIFETIME = 30
-
-
-def serve_connection(conn: socket.socket) -> None:
-    """Answer framed requests on one connection until the client closes it."""
-    decoder = protocol.FrameDecoder()
-    with conn:
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            for body in decoder.feed(data):
-                try:
-                    method, params = protocol.parse_request(body)
-                except protocol.ProtocolError as exc:
-                    conn.sendall(protocol.error(str(exc)))
-                    continue
-                if method == "ping":
-                    conn.sendall(protocol.response(protocol.OUT_PONG, params))
-                elif method == "pid":
-                    conn.sendall(protocol.response("ok", os.getpid()))
-                else:
-                    conn.sendall(protocol.error(f"unknown method {method!r}"))
-            if decoder.failure is not None:
-                return
-
-
-def accept_forever_in_worker(listener: socket.socket) -> None:
-    """Worker body (runs in the forked child): accept and serve, one thread per connection."""
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
 
 
 def escape_with_listener(pidfile: str) -> None:
@@ -103,10 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by every fork below
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", args.port))
-    listener.listen(128)
+    listener = listen(args.port)
     if args.escape:
         escape_with_listener(args.escape)
     workers = []
@@ -116,7 +75,7 @@ def main() -> None:
             if args.drain is not None:
                 signal.signal(signal.SIGTERM, lambda signum, frame: exit_after(args.drain))
             try:
-                accept_forever_in_worker(listener)
+                accept_forever(listener)  # in the forked worker
             finally:
                 os._exit(0)
         workers.append(pid)
