@@ -1,8 +1,9 @@
 """An external fdcluster target that makes teardown hard: ``python stubborn_target.py PORT WORKERS``.
 
 A shared-accept prefork server speaking the protocol (``protocol_server``:
-``ping`` echoes its params, ``pid`` answers the serving process's pid) whose master and workers
-all ignore SIGTERM, so only SIGKILL stops them.  Options:
+``ping`` echoes its params, ``pid`` answers the serving process's pid)
+whose master and workers all ignore SIGTERM, so only SIGKILL stops them.
+Options:
 
     --term-exit STATUS  the master answers SIGTERM after all: it kills its
                       workers and exits with STATUS (1: a stop that is not
@@ -14,8 +15,8 @@ all ignore SIGTERM, so only SIGKILL stops them.  Options:
                       listening socket open; its pid goes to PIDFILE.  It
                       exits by itself after ESCAPE_LIFETIME seconds.
 
-Run by the plugin's tests through ``--fdcluster-server`` or the marker's
-``server=``; never imported.
+Run by the plugin's tests (tests/plugin, tests/integration/test_cluster_api.py)
+through ``--fdcluster-server`` or the marker's ``server=``; never imported.
 """
 
 from __future__ import annotations
