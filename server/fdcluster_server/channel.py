@@ -4,10 +4,15 @@ Each message is one SOCK_SEQPACKET record (a datagram socketpair where that type
 is missing), so a record and the descriptor riding on it arrive together:
 a 9-byte header (kind, 64-bit argument) and an optional payload.
 
-master -> worker: HANDOFF (conn id, one fd attached), STATS (query id), DRAIN.
+master -> worker: HANDOFF (count; payload: conn ids; as many fds attached, in
+the same order, at most ``MAX_FDS``), STATS (query id), DRAIN.
 worker -> master: READY, ACK (connections closed since the last report;
-payload: conn ids), REJECT (payload: conn ids), CLOSED (count), COUNTERS
-(query id, payload: JSON), HEARTBEAT (with ``--heartbeat-timeout``).
+payload: conn ids), REJECT (payload: conn ids), CLOSED (count; least-connections
+only: elsewhere closes wait for the next ACK), COUNTERS (query id, payload:
+JSON), HEARTBEAT (with ``--heartbeat-timeout``).
+
+A batch of handoffs is one ``sendmsg``: one system call and one wake-up of the
+worker for every socket the master hands it in one turn.
 
 A record never exceeds ``MAX_RECORD``: id lists are split over several
 records.  One that does anyway arrives cut short (MSG_TRUNC) and ``receive``
@@ -40,14 +45,18 @@ HEARTBEAT = 15
 
 MAX_RECORD = 65536
 MAX_IDS = (MAX_RECORD - HEADER.size) // struct.calcsize(IDS)  # conn ids per record
+MAX_FDS = 64  # descriptors per HANDOFF record; the kernel's own limit (SCM_MAX_FD) is 253
 _FD_SIZE = array.array("i").itemsize
-_ANCILLARY = socket.CMSG_SPACE(4 * _FD_SIZE)  # room for strays, so extras are seen and closed
+_ANCILLARY = socket.CMSG_SPACE((MAX_FDS + 4) * _FD_SIZE)  # room for strays, so extras are seen and closed
 # Plain ints: the socket module's flags are IntFlag members, and ``flags & MSG_CTRUNC``
 # with one costs an enum construction (0.6 us) on every record received.
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _RECV_FLAGS = _CLOEXEC | int(getattr(socket, "MSG_DONTWAIT", 0))  # the worker's end blocks on send only
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
 _TRUNC = int(getattr(socket, "MSG_TRUNC", 0))
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_ID_SIZE = struct.calcsize(IDS)
 SOCK_TYPE = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
 
 
@@ -69,17 +78,29 @@ def socketpair() -> Tuple[socket.socket, socket.socket]:
 class Record:
     """One decoded channel record."""
 
-    __slots__ = ("kind", "arg", "payload", "fd", "truncated")
+    __slots__ = ("kind", "arg", "payload", "fds", "truncated")
 
-    def __init__(self, kind: int, arg: int, payload: bytes, fd: Optional[int], truncated: bool) -> None:
+    def __init__(self, kind: int, arg: int, payload: bytes, fds: List[int], truncated: bool) -> None:
         self.kind = kind
         self.arg = arg
         self.payload = payload
-        self.fd = fd
+        self.fds = fds  # empty when the control data was truncated (those received are closed)
         self.truncated = truncated
 
     def ids(self) -> List[int]:
-        return list(array.array(IDS, self.payload))
+        usable = len(self.payload) - len(self.payload) % _ID_SIZE  # a hostile length never raises
+        return array.array(IDS, self.payload[:usable]).tolist()
+
+    def handoffs(self) -> List[Tuple[int, Optional[int]]]:
+        """A HANDOFF's (conn id, fd) pairs; None for each fd that did not arrive (truncated: reject those).
+
+        Descriptors beyond the ids are closed: nobody could say which connection they are.
+        """
+        ids = self.ids()
+        fds = self.fds
+        for extra in fds[len(ids):]:
+            os.close(extra)
+        return [(conn_id, fds[i] if i < len(fds) else None) for i, conn_id in enumerate(ids)]
 
     def json(self) -> Any:
         return json.loads(self.payload.decode("utf-8"))
@@ -101,9 +122,14 @@ class Channel:
         self.sock.send(HEADER.pack(kind, arg) + payload)
 
     def send_handoff(self, conn_id: int, fd: int) -> None:
+        self.send_handoffs([conn_id], [fd])
+
+    def send_handoffs(self, conn_ids: List[int], fds: List[int]) -> None:
+        """One record, one ``sendmsg``: every socket or none (at most ``MAX_FDS``)."""
+        assert 0 < len(conn_ids) == len(fds) <= MAX_FDS, f"{len(conn_ids)} ids, {len(fds)} fds in one handoff"
         self.sock.sendmsg(
-            [HEADER.pack(HANDOFF, conn_id)],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,)))],
+            [HEADER.pack(HANDOFF, len(conn_ids)) + array.array(IDS, conn_ids).tobytes()],
+            [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))],
         )
 
     def send_ids(self, kind: int, ids: List[int]) -> None:
@@ -123,10 +149,11 @@ class Channel:
     def receive(self) -> Iterator[Record]:
         """Yield every record available now; raise EOFError when the peer is gone.
 
-        Descriptors arrive close-on-exec.  Any descriptor beyond the first, or
-        one on a record whose control data was truncated, is closed here so
-        nothing leaks; a truncated HANDOFF is reported with ``truncated`` set
-        and no fd, so the worker can reject it and the master hand it again.
+        Descriptors arrive close-on-exec.  Those on a record whose control data
+        was truncated (the receiver out of descriptors) are closed here so
+        nothing leaks: a truncated HANDOFF is reported with ``truncated`` set
+        and no fds, so the worker rejects every socket of it and the master
+        hands them again.
         A record cut short (longer than ``MAX_RECORD``) raises ``TruncatedRecord``
         after its descriptors are closed; the records after it can still be read.
         """
@@ -151,15 +178,13 @@ class Channel:
             kind, arg = HEADER.unpack_from(data) if len(data) >= HEADER.size else (0, 0)
             if cut:
                 raise TruncatedRecord(kind)
-            for extra in fds[1:]:
-                os.close(extra)
-            yield Record(kind, arg, bytes(data[HEADER.size :]), fds[0] if fds else None, truncated)
+            yield Record(kind, arg, bytes(data[HEADER.size :]), fds, truncated)
 
 
 def _fds_from(ancdata: list) -> List[int]:
     fds: List[int] = []
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             usable = len(data) - len(data) % _FD_SIZE
             fds.extend(array.array("i", data[:usable]))
     return fds

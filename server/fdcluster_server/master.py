@@ -367,8 +367,8 @@ class Master:
                     self.dispatcher.add(WorkerSlot(index, process.pid, channel))
                 elif kind == ch.COUNTERS:
                     self.control.collect_counters(record.arg, index, record.json())
-                if record.fd is not None:
-                    os.close(record.fd)  # workers never send descriptors; never keep a stray one
+                for fd in record.fds:
+                    os.close(fd)  # workers never send descriptors; never keep a stray one
         except EOFError:
             self.lose_worker(process)
         except ch.TruncatedRecord as exc:

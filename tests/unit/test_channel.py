@@ -12,7 +12,17 @@ from fdcluster_server import channel as ch
 
 
 def open_fds():
-    return set(int(n) for n in os.listdir("/proc/self/fd"))
+    """This process's descriptors, less the one listdir() used to list them (closed by then)."""
+    listed = set(int(n) for n in os.listdir("/proc/self/fd"))
+    return {fd for fd in listed if _is_open(fd)}
+
+
+def _is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -29,9 +39,10 @@ def test_handoff_carries_one_close_on_exec_fd(pair):
     try:
         master.send_handoff(42, a.fileno())
         (record,) = list(worker.receive())
-        assert (record.kind, record.arg, record.truncated) == (ch.HANDOFF, 42, False)
-        assert not os.get_inheritable(record.fd)
-        received = socket.socket(fileno=record.fd)
+        assert (record.kind, record.truncated) == (ch.HANDOFF, False)
+        ((conn_id, fd),) = record.handoffs()
+        assert conn_id == 42 and not os.get_inheritable(fd)
+        received = socket.socket(fileno=fd)
         received.send(b"hi")
         assert b.recv(2) == b"hi"
         received.close()
@@ -40,16 +51,59 @@ def test_handoff_carries_one_close_on_exec_fd(pair):
         b.close()
 
 
-def test_truncated_control_message_leaks_nothing(pair):
+def test_a_batch_is_one_record_pairing_each_id_with_its_descriptor(pair):
     master, worker = pair
-    socks = [socket.socket() for _ in range(8)]  # more fds than the receiver makes room for
+    pairs = [socket.socketpair() for _ in range(ch.MAX_FDS)]
     try:
-        master.sock.sendmsg([ch.HEADER.pack(ch.HANDOFF, 7)],
+        master.send_handoffs(list(range(100, 100 + ch.MAX_FDS)), [a.fileno() for a, _ in pairs])
+        (record,) = list(worker.receive())
+        handoffs = record.handoffs()
+        assert [conn_id for conn_id, _ in handoffs] == list(range(100, 100 + ch.MAX_FDS))
+        for (conn_id, fd), (_, b) in zip(handoffs, pairs):
+            with socket.socket(fileno=fd) as received:
+                received.send(b"%d" % conn_id)
+                assert b.recv(8) == b"%d" % conn_id, f"conn {conn_id} arrived with another connection's fd {fd}"
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_more_than_max_fds_in_one_handoff_is_refused_before_sending(pair):
+    master, _ = pair
+    with pytest.raises(AssertionError, match="in one handoff"):
+        master.send_handoffs(list(range(ch.MAX_FDS + 1)), [0] * (ch.MAX_FDS + 1))
+
+
+def test_truncated_control_message_leaks_nothing_and_rejects_every_id(pair):
+    master, worker = pair
+    socks = [socket.socket() for _ in range(ch.MAX_FDS + 8)]  # more fds than the receiver makes room for
+    ids = list(range(7, 7 + len(socks)))
+    try:
+        master.sock.sendmsg([ch.HEADER.pack(ch.HANDOFF, len(ids)) + array.array(ch.IDS, ids).tobytes()],
                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno() for s in socks]))])
         before = open_fds()
         (record,) = list(worker.receive())
-        assert record.truncated and record.fd is None and record.arg == 7
+        assert record.truncated and record.fds == []
+        assert record.handoffs() == [(conn_id, None) for conn_id in ids], "each id must be rejected"
         assert open_fds() == before, "received descriptors of a truncated message were not closed"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_descriptors_beyond_the_ids_are_closed(pair):
+    master, worker = pair
+    socks = [socket.socket() for _ in range(3)]
+    try:
+        master.sock.sendmsg([ch.HEADER.pack(ch.HANDOFF, 1) + array.array(ch.IDS, [9]).tobytes()],
+                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno() for s in socks]))])
+        before = open_fds()
+        (record,) = list(worker.receive())
+        ((conn_id, fd),) = record.handoffs()
+        assert conn_id == 9 and fd is not None
+        assert open_fds() - before == {fd}, "descriptors beyond the record's ids stayed open"
+        os.close(fd)
     finally:
         for s in socks:
             s.close()
