@@ -45,7 +45,11 @@ HEARTBEAT = 15
 
 MAX_RECORD = 65536
 MAX_IDS = (MAX_RECORD - HEADER.size) // struct.calcsize(IDS)  # conn ids per record
-MAX_FDS = 64  # descriptors per HANDOFF record; the kernel's own limit (SCM_MAX_FD) is 253
+MAX_FDS = 16  # descriptors per HANDOFF record (the kernel's own limit, SCM_MAX_FD, is 253); the window is 4 by default
+# The master's send buffer: how many handoffs a worker that stopped reading (frozen, stuck) can have parked in its
+# channel before the master sees EAGAIN and hands the rest elsewhere.  The default (208 KiB) held ~280 one-socket
+# records; with batches of MAX_FDS it would hold ~4,000 sockets.  This keeps it near 350 at most (~20 records).
+CHANNEL_SNDBUF = 8192
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY = socket.CMSG_SPACE((MAX_FDS + 4) * _FD_SIZE)  # room for strays, so extras are seen and closed
 # Plain ints: the socket module's flags are IntFlag members, and ``flags & MSG_CTRUNC``
@@ -72,6 +76,7 @@ def socketpair() -> Tuple[socket.socket, socket.socket]:
     """A (master end, worker end) pair; both non-inheritable, the master's non-blocking."""
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, SOCK_TYPE)
     master_end.setblocking(False)
+    master_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_SNDBUF)
     return master_end, worker_end
 
 
