@@ -113,6 +113,10 @@ class Acceptor:
         sock.setblocking(False)
         self.sock = sock
 
+    def fileno(self) -> int:
+        """The listener's descriptor (-1 once closed)."""
+        return self.sock.fileno() if self.sock is not None else -1
+
     def address(self) -> Tuple[str, int]:
         """The bound host and port (the port the kernel chose for port 0)."""
         assert self.sock is not None, "address() of a closed listener"

@@ -36,6 +36,7 @@ import bisect
 import errno
 import time
 from collections import deque
+from operator import itemgetter
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Protocol, Tuple
 
 from .channel import MAX_FDS
@@ -56,6 +57,7 @@ REJECT_BUDGET = 3  # rejects of one socket before it is closed rather than hande
 REJECT_PAUSE = 0.1  # a rejecting worker is not offered another socket for this long
 
 Pending = Tuple[int, "AcceptedSocket"]  # (conn id, socket) waiting for a worker
+_conn_id = itemgetter(0)  # of a Pending: ids grow with acceptance
 
 
 class AcceptedSocket(Protocol):
@@ -192,6 +194,10 @@ class Dispatcher:
                     self.handoff(worker, batch)
                 if not self._again:
                     return  # every share went out; what still waits, waits for room
+                # Shares came back (each to the front): oldest first again, as they were accepted.
+                ordered = sorted(self.pending, key=_conn_id)
+                self.pending.clear()
+                self.pending.extend(ordered)
         finally:
             self._distributing = False
 
