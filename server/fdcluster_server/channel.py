@@ -151,8 +151,8 @@ class Channel:
     def send_json(self, kind: int, arg: int, obj: Any) -> None:
         self.send(kind, arg, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
-    def receive(self, limit: int = 0) -> Iterator[Record]:
-        """Yield every record available now (at most ``limit``, unless 0); raise EOFError when the peer is gone.
+    def receive(self) -> Iterator[Record]:
+        """Yield every record available now; raise EOFError when the peer is gone.
 
         Descriptors arrive close-on-exec.  Those on a record whose control data
         was truncated (the receiver out of descriptors) are closed here so
@@ -162,9 +162,7 @@ class Channel:
         A record cut short (longer than ``MAX_RECORD``) raises ``TruncatedRecord``
         after its descriptors are closed; the records after it can still be read.
         """
-        left = limit or -1
-        while left:
-            left -= 1
+        while True:
             try:
                 data, ancdata, flags, _ = self.sock.recvmsg(MAX_RECORD, _ANCILLARY, _RECV_FLAGS)
             except (BlockingIOError, InterruptedError):

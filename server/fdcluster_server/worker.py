@@ -164,8 +164,7 @@ class Worker(ConnectionIO):
     def read_channel(self) -> bool:
         """Handle every record the master sent; False when the master is gone."""
         try:
-            # One record per wake-up (level-triggered: another wakes the next turn); no recvmsg ends in EAGAIN.
-            for record in self.channel.receive(1):
+            for record in self.channel.receive():
                 if record.kind == ch.HANDOFF:
                     for conn_id, fd in record.handoffs():
                         self.take_handoff(conn_id, fd)
