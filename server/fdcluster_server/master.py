@@ -134,11 +134,8 @@ class Master:
             self.manage_accepting()
 
     def do_chores(self) -> None:
-        """The turn's work beyond accepts and acknowledgements, and when it is next due (``chores_at``).
-
-        A turn that only accepted clients and read acknowledgements skips it: reaping waits for
-        SIGCHLD (and a periodic sweep), every other deadline is in ``chores_at``.
-        """
+        """The turn's work beyond accepts and ACKs, then when it is next due (``chores_at``): a turn that only
+        accepted and read ACKs skips it (reaping follows SIGCHLD, plus a sweep); each deadline is in ``chores_at``."""
         self.chores_due = False
         now = time.monotonic()
         if now >= self.reap_at:
@@ -374,11 +371,7 @@ class Master:
         self.selector.modify(process.channel.sock, _READ_WRITE, lambda m, p=process: self.channel_event(p, m))
 
     def read_channel(self, process: Process) -> None:
-        """Act on every record worker ``process`` sent.
-
-        All that wait, not one per wake-up: measured, a turn of the loop per record costs more
-        than the recvmsg that ends in EAGAIN, under a storm and one client at a time alike.
-        """
+        """Act on every record worker ``process`` sent (all that wait: one per turn measured slower)."""
         channel = process.channel
         if channel is None:
             return  # lost already: its records were read then
