@@ -244,7 +244,7 @@ class Dispatcher:
         except OSError as exc:
             unsent = batch[sent:]
             for conn_id, _ in unsent:
-                del worker.unacked[conn_id]
+                worker.unacked.pop(conn_id, None)
             self.pending.extendleft(reversed(unsent))  # the front, in their order: they were accepted first
             if len(worker.unacked) < self.window:
                 self._has_room(worker)
