@@ -155,7 +155,10 @@ class Master:
             deadlines = (self.stop_deadline, self.control.next_deadline(), self.dispatcher.next_deadline())
         else:
             deadlines = (self.chores_at, self.dispatcher.next_deadline(), self.acceptor.resume_at())
-        deadline = min(d for d in deadlines if d is not None)
+        deadline = deadlines[0]
+        for other in deadlines:
+            if other is not None and other < deadline:
+                deadline = other
         return max(0.0, min(1.0, deadline - time.monotonic()))
 
     # -- signals, queued by their handlers and handled here --------------------------
