@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import struct
+import sys
 from typing import Any, Iterator, List, Optional, Tuple
 
 HEADER = struct.Struct("<BQ")
@@ -61,6 +62,9 @@ _TRUNC = int(getattr(socket, "MSG_TRUNC", 0))
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _ID_SIZE = struct.calcsize(IDS)
+# Linux installs the descriptors of a truncated SCM_RIGHTS message in order and stops at the first that does not
+# fit (scm_detach_fds): those received are the first ones sent.
+_PREFIX_ON_CTRUNC = sys.platform.startswith("linux")
 SOCK_TYPE = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
 
 
@@ -89,7 +93,7 @@ class Record:
         self.kind = kind
         self.arg = arg
         self.payload = payload
-        self.fds = fds  # empty when the control data was truncated (those received are closed)
+        self.fds = fds  # when ``truncated``: those that arrived, the first sent (Linux), else none
         self.truncated = truncated
 
     def ids(self) -> List[int]:
@@ -98,6 +102,8 @@ class Record:
 
     def handoffs(self) -> List[Tuple[int, Optional[int]]]:
         """A HANDOFF's (conn id, fd) pairs; None for each fd that did not arrive (truncated: reject those).
+
+        The kernel keeps a message's descriptors in order, so the n-th fd is the n-th id's.
 
         Descriptors beyond the ids are closed: nobody could say which connection they are.
         """
@@ -154,11 +160,13 @@ class Channel:
     def receive(self) -> Iterator[Record]:
         """Yield every record available now; raise EOFError when the peer is gone.
 
-        Descriptors arrive close-on-exec.  Those on a record whose control data
-        was truncated (the receiver out of descriptors) are closed here so
-        nothing leaks: a truncated HANDOFF is reported with ``truncated`` set
-        and no fds, so the worker rejects every socket of it and the master
-        hands them again.
+        Descriptors arrive close-on-exec.  A record whose control data was
+        truncated (the receiver out of descriptors, or sent more than fit) has
+        ``truncated`` set: on Linux the kernel delivers the first descriptors
+        in order, so they stay paired with the first ids (``Record.handoffs``)
+        and the worker rejects only the rest; elsewhere what did arrive is
+        closed and every socket of it rejected.  The master hands rejected
+        sockets again.
         A record cut short (longer than ``MAX_RECORD``) raises ``TruncatedRecord``
         after its descriptors are closed; the records after it can still be read.
         """
@@ -171,12 +179,13 @@ class Channel:
                 raise EOFError from None
             if not data:
                 raise EOFError
-            fds = _fds_from(ancdata)
+            fds = _fds_from(ancdata) if ancdata else []
             truncated = bool(flags & _CTRUNC)
-            for fd in fds:
-                os.set_inheritable(fd, False)  # where MSG_CMSG_CLOEXEC is missing
+            if not _CLOEXEC:
+                for fd in fds:
+                    os.set_inheritable(fd, False)  # MSG_CMSG_CLOEXEC is missing
             cut = flags & _TRUNC
-            if truncated or cut or len(data) < HEADER.size:
+            if fds and (cut or len(data) < HEADER.size or (truncated and not _PREFIX_ON_CTRUNC)):
                 for fd in fds:
                     os.close(fd)
                 fds = []

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import array
+import ast
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -75,7 +78,7 @@ def test_more_than_max_fds_in_one_handoff_is_refused_before_sending(pair):
         master.send_handoffs(list(range(ch.MAX_FDS + 1)), [0] * (ch.MAX_FDS + 1))
 
 
-def test_truncated_control_message_leaks_nothing_and_rejects_every_id(pair):
+def test_truncated_control_message_keeps_the_first_pairs_and_rejects_the_rest(pair):
     master, worker = pair
     socks = [socket.socket() for _ in range(ch.MAX_FDS + 8)]  # more fds than the receiver makes room for
     ids = list(range(7, 7 + len(socks)))
@@ -84,12 +87,47 @@ def test_truncated_control_message_leaks_nothing_and_rejects_every_id(pair):
                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno() for s in socks]))])
         before = open_fds()
         (record,) = list(worker.receive())
-        assert record.truncated and record.fds == []
-        assert record.handoffs() == [(conn_id, None) for conn_id in ids], "each id must be rejected"
+        assert record.truncated
+        handoffs = record.handoffs()
+        kept = [(conn_id, fd) for conn_id, fd in handoffs if fd is not None]
+        assert [conn_id for conn_id, _ in handoffs] == ids
+        assert [conn_id for conn_id, _ in kept] == ids[:len(kept)], "a descriptor was paired with a later id"
+        if sys.platform.startswith("linux"):
+            assert len(kept) == ch.MAX_FDS + 4, "the descriptors that fit were not delivered"
+        for conn_id, fd in kept:
+            assert os.fstat(fd).st_ino == os.fstat(socks[conn_id - 7].fileno()).st_ino, f"conn {conn_id}: wrong fd"
+            os.close(fd)
         assert open_fds() == before, "received descriptors of a truncated message were not closed"
     finally:
         for s in socks:
             s.close()
+
+
+RECEIVER_OUT_OF_DESCRIPTORS = """
+import array, os, resource, socket, sys
+from fdcluster_server import channel as ch
+master_end, worker_end = ch.socketpair()
+socks = [socket.socket() for _ in range(6)]
+highest = max(int(n) for n in os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+ch.Channel(master_end).send_handoffs([11, 12, 13, 14, 15, 16], [s.fileno() for s in socks])
+(record,) = list(ch.Channel(worker_end).receive())
+print(record.truncated, [(i, fd is not None and os.fstat(fd).st_ino == os.fstat(socks[i - 11].fileno()).st_ino)
+                         for i, fd in record.handoffs()])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the order of a truncated delivery is Linux's")
+def test_a_receiver_out_of_descriptors_gets_the_first_sockets_of_a_batch_each_with_its_id():
+    out = subprocess.run([sys.executable, "-c", RECEIVER_OUT_OF_DESCRIPTORS], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    truncated, pairs = out.stdout.strip().split(" ", 1)
+    assert truncated == "True", f"the batch was not reported truncated: {out.stdout}"
+    delivered = [ok for _, ok in ast.literal_eval(pairs)]
+    k = delivered.count(True)
+    assert 0 < k < 6 and delivered == [True] * k + [False] * (6 - k), (
+        f"expected the descriptors that fit, each paired with its own id (the first ones), the rest rejected: {pairs}")
 
 
 def test_descriptors_beyond_the_ids_are_closed(pair):
