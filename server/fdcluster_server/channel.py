@@ -4,15 +4,11 @@ Each message is one SOCK_SEQPACKET record (a datagram socketpair where that type
 is missing), so a record and the descriptor riding on it arrive together:
 a 9-byte header (kind, 64-bit argument) and an optional payload.
 
-master -> worker: HANDOFF (count; payload: conn ids; as many fds attached, in
-the same order, at most ``MAX_FDS``), STATS (query id), DRAIN.
+master -> worker: HANDOFF (conn id, one fd attached), STATS (query id), DRAIN.
 worker -> master: READY, ACK (connections closed since the last report;
 payload: conn ids), REJECT (payload: conn ids), CLOSED (count; least-connections
 only: elsewhere closes wait for the next ACK), COUNTERS (query id, payload:
 JSON), HEARTBEAT (with ``--heartbeat-timeout``).
-
-A batch of handoffs is one ``sendmsg``: one system call and one wake-up of the
-worker for every socket the master hands it in one turn.
 
 A record never exceeds ``MAX_RECORD``: id lists are split over several
 records.  One that does anyway arrives cut short (MSG_TRUNC) and ``receive``
@@ -26,7 +22,6 @@ import json
 import os
 import socket
 import struct
-import sys
 from typing import Any, Iterator, List, Optional, Tuple
 
 HEADER = struct.Struct("<BQ")
@@ -46,25 +41,14 @@ HEARTBEAT = 15
 
 MAX_RECORD = 65536
 MAX_IDS = (MAX_RECORD - HEADER.size) // struct.calcsize(IDS)  # conn ids per record
-MAX_FDS = 16  # descriptors per HANDOFF record (the kernel's own limit, SCM_MAX_FD, is 253); the window is 4 by default
-# The master's send buffer: how many handoffs a worker that stopped reading (frozen, stuck) can have parked in its
-# channel before the master sees EAGAIN and hands the rest elsewhere.  The default (208 KiB) held ~280 one-socket
-# records; with batches of MAX_FDS it would hold ~4,000 sockets.  This keeps it near 350 at most (~20 records).
-CHANNEL_SNDBUF = 8192
 _FD_SIZE = array.array("i").itemsize
-_ANCILLARY = socket.CMSG_SPACE((MAX_FDS + 4) * _FD_SIZE)  # room for strays, so extras are seen and closed
+_ANCILLARY = socket.CMSG_SPACE(4 * _FD_SIZE)  # room for strays, so extras are seen and closed
 # Plain ints: the socket module's flags are IntFlag members, and ``flags & MSG_CTRUNC``
 # with one costs an enum construction (0.6 us) on every record received.
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _RECV_FLAGS = _CLOEXEC | int(getattr(socket, "MSG_DONTWAIT", 0))  # the worker's end blocks on send only
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
 _TRUNC = int(getattr(socket, "MSG_TRUNC", 0))
-_SOL_SOCKET = int(socket.SOL_SOCKET)
-_SCM_RIGHTS = int(socket.SCM_RIGHTS)
-_ID_SIZE = struct.calcsize(IDS)
-# Linux installs the descriptors of a truncated SCM_RIGHTS message in order and stops at the first that does not
-# fit (scm_detach_fds): those received are the first ones sent.
-_PREFIX_ON_CTRUNC = sys.platform.startswith("linux")
 SOCK_TYPE = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_DGRAM)
 
 
@@ -80,38 +64,23 @@ def socketpair() -> Tuple[socket.socket, socket.socket]:
     """A (master end, worker end) pair; both non-inheritable, the master's non-blocking."""
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, SOCK_TYPE)
     master_end.setblocking(False)
-    master_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_SNDBUF)
     return master_end, worker_end
 
 
 class Record:
     """One decoded channel record."""
 
-    __slots__ = ("kind", "arg", "payload", "fds", "truncated")
+    __slots__ = ("kind", "arg", "payload", "fd", "truncated")
 
-    def __init__(self, kind: int, arg: int, payload: bytes, fds: List[int], truncated: bool) -> None:
+    def __init__(self, kind: int, arg: int, payload: bytes, fd: Optional[int], truncated: bool) -> None:
         self.kind = kind
         self.arg = arg
         self.payload = payload
-        self.fds = fds  # when ``truncated``: those that arrived, the first sent (Linux), else none
+        self.fd = fd
         self.truncated = truncated
 
     def ids(self) -> List[int]:
-        usable = len(self.payload) - len(self.payload) % _ID_SIZE  # a hostile length never raises
-        return array.array(IDS, self.payload[:usable]).tolist()
-
-    def handoffs(self) -> List[Tuple[int, Optional[int]]]:
-        """A HANDOFF's (conn id, fd) pairs; None for each fd that did not arrive (truncated: reject those).
-
-        The kernel keeps a message's descriptors in order, so the n-th fd is the n-th id's.
-
-        Descriptors beyond the ids are closed: nobody could say which connection they are.
-        """
-        ids = self.ids()
-        fds = self.fds
-        for extra in fds[len(ids):]:
-            os.close(extra)
-        return [(conn_id, fds[i] if i < len(fds) else None) for i, conn_id in enumerate(ids)]
+        return list(array.array(IDS, self.payload))
 
     def json(self) -> Any:
         return json.loads(self.payload.decode("utf-8"))
@@ -133,14 +102,9 @@ class Channel:
         self.sock.send(HEADER.pack(kind, arg) + payload)
 
     def send_handoff(self, conn_id: int, fd: int) -> None:
-        self.send_handoffs([conn_id], [fd])
-
-    def send_handoffs(self, conn_ids: List[int], fds: List[int]) -> None:
-        """One record, one ``sendmsg``: every socket or none (at most ``MAX_FDS``)."""
-        assert 0 < len(conn_ids) == len(fds) <= MAX_FDS, f"{len(conn_ids)} ids, {len(fds)} fds in one handoff"
         self.sock.sendmsg(
-            [HEADER.pack(HANDOFF, len(conn_ids)) + array.array(IDS, conn_ids).tobytes()],
-            [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))],
+            [HEADER.pack(HANDOFF, conn_id)],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,)))],
         )
 
     def send_ids(self, kind: int, ids: List[int]) -> None:
@@ -160,13 +124,10 @@ class Channel:
     def receive(self) -> Iterator[Record]:
         """Yield every record available now; raise EOFError when the peer is gone.
 
-        Descriptors arrive close-on-exec.  A record whose control data was
-        truncated (the receiver out of descriptors, or sent more than fit) has
-        ``truncated`` set: on Linux the kernel delivers the first descriptors
-        in order, so they stay paired with the first ids (``Record.handoffs``)
-        and the worker rejects only the rest; elsewhere what did arrive is
-        closed and every socket of it rejected.  The master hands rejected
-        sockets again.
+        Descriptors arrive close-on-exec.  Any descriptor beyond the first, or
+        one on a record whose control data was truncated, is closed here so
+        nothing leaks; a truncated HANDOFF is reported with ``truncated`` set
+        and no fd, so the worker can reject it and the master hand it again.
         A record cut short (longer than ``MAX_RECORD``) raises ``TruncatedRecord``
         after its descriptors are closed; the records after it can still be read.
         """
@@ -179,26 +140,28 @@ class Channel:
                 raise EOFError from None
             if not data:
                 raise EOFError
-            fds = _fds_from(ancdata) if ancdata else []
+            fds = _fds_from(ancdata)
             truncated = bool(flags & _CTRUNC)
             if not _CLOEXEC:
                 for fd in fds:
-                    os.set_inheritable(fd, False)  # MSG_CMSG_CLOEXEC is missing
+                    os.set_inheritable(fd, False)  # MSG_CMSG_CLOEXEC is missing (where present: one ioctl less)
             cut = flags & _TRUNC
-            if fds and (cut or len(data) < HEADER.size or (truncated and not _PREFIX_ON_CTRUNC)):
+            if truncated or cut or len(data) < HEADER.size:
                 for fd in fds:
                     os.close(fd)
                 fds = []
             kind, arg = HEADER.unpack_from(data) if len(data) >= HEADER.size else (0, 0)
             if cut:
                 raise TruncatedRecord(kind)
-            yield Record(kind, arg, bytes(data[HEADER.size :]), fds, truncated)
+            for extra in fds[1:]:
+                os.close(extra)
+            yield Record(kind, arg, bytes(data[HEADER.size :]), fds[0] if fds else None, truncated)
 
 
 def _fds_from(ancdata: list) -> List[int]:
     fds: List[int] = []
     for level, kind, data in ancdata:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % _FD_SIZE
             fds.extend(array.array("i", data[:usable]))
     return fds

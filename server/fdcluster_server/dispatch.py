@@ -18,16 +18,8 @@ sees its channel writable again and calls ``resume``.  The master calls
 ``distribute_due`` every turn and sleeps no longer than ``next_deadline``;
 a deadline, once due, is cleared, so the loop never spins on one in the past.
 
-Batches: ``distribute`` first picks a worker for every pending socket it can
-place (``_pick``, one socket at a time, so the rotation is exact), then sends
-each worker its share in one record (``handoff``: one ``sendmsg`` with several
-descriptors, all or none).  A socket counts against its worker's window from
-the moment it is picked.  If a send fails, that share goes back to the front
-of the queue and is placed again in the same call, the failed worker paused
-or removed.
-
 Pure: the channel (``HandoffSink``) and the socket (``AcceptedSocket``) are duck-typed, so the tests drive
-this module with fakes; a sink without ``send_handoffs`` (a test's fake) is sent one socket per call.
+this module with fakes.
 """
 
 from __future__ import annotations
@@ -36,10 +28,7 @@ import bisect
 import errno
 import time
 from collections import deque
-from operator import itemgetter
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Protocol, Tuple
-
-from .channel import MAX_FDS
 
 ROUND_ROBIN = "round-robin"
 LEAST_CONNECTIONS = "least-connections"
@@ -57,7 +46,6 @@ REJECT_BUDGET = 3  # rejects of one socket before it is closed rather than hande
 REJECT_PAUSE = 0.1  # a rejecting worker is not offered another socket for this long
 
 Pending = Tuple[int, "AcceptedSocket"]  # (conn id, socket) waiting for a worker
-_conn_id = itemgetter(0)  # of a Pending: ids grow with acceptance
 
 
 class AcceptedSocket(Protocol):
@@ -75,8 +63,6 @@ class HandoffSink(Protocol):
     """Where the dispatcher sends a worker's sockets: ``channel.Channel``, or a fake in tests."""
 
     def send_handoff(self, conn_id: int, fd: int) -> None: ...
-
-    # Optional, and what the real channel has: ``send_handoffs(conn_ids, fds)``, one record for up to MAX_FDS.
 
 
 class WorkerSlot:
@@ -139,8 +125,6 @@ class Dispatcher:
         self._rejects: Dict[int, int] = {}  # conn id -> rejects so far, for sockets rejected at least once
         self._cursor = 0  # round-robin position, as a worker index
         self._next_id = 0
-        self._distributing = False  # a distribute pass is sending: a nested call only asks for another pass
-        self._again = False
         self.accepted = 0
         self.redistributed = 0
         self.rejected_closed = 0
@@ -178,79 +162,26 @@ class Dispatcher:
         self.pending.append((self._next_id, conn))
 
     def distribute(self, conn: Optional[AcceptedSocket] = None) -> None:
-        """Queue ``conn`` (if given) and hand out as many queued sockets as workers can take, a batch per worker."""
+        """Queue ``conn`` (if given) and hand out as many queued sockets as workers can take."""
         if conn is not None:
             self.queue(conn)
-        if self._distributing:
-            self._again = True  # called back from a failed send (``remove``): the running pass places them
-            return
-        self._distributing = True
-        try:
-            while self.pending:
-                batches = self._assign()
-                if not batches:
-                    return  # every worker's window is full (or none is alive): wait for acks
-                self._again = False
-                for worker, batch in batches.values():
-                    # A failed send requeued its share and paused (or removed) that worker: the next pass skips it.
-                    self.handoff(worker, batch)
-                if not self._again:
-                    return  # every share went out; what still waits, waits for room
-                # Shares came back (each to the front): oldest first again, as they were accepted.
-                ordered = sorted(self.pending, key=_conn_id)
-                self.pending.clear()
-                self.pending.extend(ordered)
-        finally:
-            self._distributing = False
-
-    def _assign(self) -> Dict[int, Tuple[WorkerSlot, List[Pending]]]:
-        """Pick a worker for each pending socket in turn, until none can take one; each counts against its window."""
-        batches: Dict[int, Tuple[WorkerSlot, List[Pending]]] = {}
-        pending = self.pending
-        window = self.window
-        while pending:
+        while self.pending:
             worker = self._pick()
             if worker is None:
-                break
-            item = pending.popleft()
-            worker.unacked[item[0]] = item[1]
-            if len(worker.unacked) >= window and worker.full_since is None:
-                worker.full_since = self.clock()
-            share = batches.get(worker.index)
-            if share is None:
-                batches[worker.index] = (worker, [item])
-            else:
-                share[1].append(item)
-        return batches
+                return  # every worker's window is full (or none is alive): wait for acks
+            conn_id, pending = self.pending.popleft()
+            # A failed send requeued the socket and paused (or removed) that worker: the next pick skips it.
+            self.handoff(worker, conn_id, pending)
 
-    def handoff(self, worker: WorkerSlot, batch: List[Pending]) -> bool:
-        """Send ``batch`` (already in ``worker.unacked``) to ``worker``, one record per ``MAX_FDS`` sockets.
+    def handoff(self, worker: WorkerSlot, conn_id: int, conn: AcceptedSocket) -> bool:
+        """Send one socket to ``worker``; keep the master's copy until it is acknowledged.
 
-        The master keeps its copies until they are acknowledged.  Returns False
-        when some could not be sent: those went back to the front of the queue.
+        Returns False when the socket could not be sent and was requeued.
         """
-        if self.workers.get(worker.index) is not worker:
-            return False  # removed since it was picked: its unacknowledged sockets, these too, were requeued
-        channel = worker.channel
-        bulk = getattr(channel, "send_handoffs", None)
-        size = MAX_FDS if bulk is not None else 1
-        sent = 0
         try:
-            while sent < len(batch):
-                chunk = batch[sent:sent + size]
-                if bulk is not None:
-                    bulk([conn_id for conn_id, _ in chunk], [conn.fileno() for _, conn in chunk])
-                else:
-                    channel.send_handoff(chunk[0][0], chunk[0][1].fileno())
-                sent += len(chunk)
+            worker.channel.send_handoff(conn_id, conn.fileno())
         except OSError as exc:
-            unsent = batch[sent:]
-            for conn_id, _ in unsent:
-                worker.unacked.pop(conn_id, None)
-            self.pending.extendleft(reversed(unsent))  # the front, in their order: they were accepted first
-            if len(worker.unacked) < self.window:
-                self._has_room(worker)
-            worker.handed += sent
+            self.pending.appendleft((conn_id, conn))
             if exc.errno in WORKER_GONE:
                 self.remove(worker.index)  # SIGCHLD will confirm it; its unacknowledged sockets are requeued
             elif exc.errno in CHANNEL_FULL:
@@ -258,9 +189,11 @@ class Dispatcher:
                 self.on_blocked(worker.index)
             else:
                 self.pause(worker, SEND_RETRY)  # transient (ENOMEM, ETOOMANYREFS...): the worker keeps its sockets
-            self._again = True
             return False
-        worker.handed += sent
+        worker.unacked[conn_id] = conn
+        worker.handed += 1
+        if len(worker.unacked) >= self.window and worker.full_since is None:
+            worker.full_since = self.clock()
         return True
 
     def pause(self, worker: WorkerSlot, seconds: float) -> None:

@@ -382,8 +382,8 @@ class Master:
         process.heard = time.monotonic()
         try:
             for record in channel.receive():
-                for fd in record.fds:
-                    os.close(fd)  # workers never send descriptors; never keep a stray one
+                if record.fd is not None:
+                    os.close(record.fd)  # workers never send descriptors; never keep a stray one
                 kind = record.kind
                 if kind == ch.ACK:
                     if record.arg:

@@ -166,8 +166,7 @@ class Worker(ConnectionIO):
         try:
             for record in self.channel.receive():
                 if record.kind == ch.HANDOFF:
-                    for conn_id, fd in record.handoffs():
-                        self.take_handoff(conn_id, fd)
+                    self.take_handoff(record.arg, record.fd)
                 elif record.kind == ch.STATS:
                     try:
                         self.channel.send_json(ch.COUNTERS, record.arg, self.snapshot_counters())

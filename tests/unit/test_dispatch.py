@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 
 from fdcluster_server import dispatch
-from fdcluster_server.channel import MAX_FDS
 from fdcluster_server.dispatch import LEAST_CONNECTIONS, ROUND_ROBIN, Dispatcher, WorkerSlot
 
 
@@ -34,27 +33,6 @@ class FakeChannel:
         if self.fail:
             raise OSError(self.fail, "fake")
         self.sent.append((conn_id, fd))
-
-
-class BatchChannel:
-    """A channel as the real one is: ``send_handoffs`` sends a whole record or raises (then sends nothing)."""
-
-    def __init__(self, fail=None):
-        self.records = []  # one list of (conn id, fd) per sendmsg
-        self.fail = fail
-
-    def send_handoff(self, conn_id, fd):
-        raise AssertionError("a channel with send_handoffs was sent one socket at a time")
-
-    def send_handoffs(self, conn_ids, fds):
-        if self.fail:
-            raise OSError(self.fail, "fake")
-        assert len(conn_ids) == len(fds) <= MAX_FDS
-        self.records.append(list(zip(conn_ids, fds)))
-
-    @property
-    def sent(self):
-        return [ids for record in self.records for ids, _ in record]
 
 
 class FakeClock:
@@ -258,91 +236,6 @@ class TestWorkerDeath:
         d.remove(0)
         d.ack(0, [1])
         assert not conn.closed
-
-
-def batch_cluster(n, window=4, clock=None, on_blocked=lambda index: None):
-    d = Dispatcher(ROUND_ROBIN, window=window, max_pending=1024, clock=clock or FakeClock(), on_blocked=on_blocked)
-    for i in range(n):
-        d.add(WorkerSlot(i, 1000 + i, BatchChannel()))
-    return d
-
-
-def burst(d, count, first=0):
-    conns = [FakeConn(n) for n in range(first, first + count)]
-    for conn in conns:
-        d.queue(conn)
-    d.distribute()
-    return conns
-
-
-def holders(d):
-    """conn id -> where the dispatcher holds it ('pending' or a worker index); each id must appear once."""
-    seen = Counter(conn_id for conn_id, _ in d.pending)
-    seen.update(conn_id for w in d.workers.values() for conn_id in w.unacked)
-    twice = [conn_id for conn_id, n in seen.items() if n > 1]
-    assert not twice, f"conn ids {twice} held twice (pending and/or several workers' unacked)"
-    return set(seen)
-
-
-class TestBatches:
-    def test_a_burst_is_one_record_per_worker_in_exact_rotation(self):
-        d = batch_cluster(2)
-        burst(d, 8)
-        assert [d.workers[i].channel.records for i in (0, 1)] == [
-            [[(1, 100), (3, 102), (5, 104), (7, 106)]], [[(2, 101), (4, 103), (6, 105), (8, 107)]]]
-        burst(d, 1, first=8)
-        assert len(d.pending) == 1, "sent beyond the window"
-
-    def test_one_cumulative_ack_closes_the_batch_and_the_next_batch_is_one_record(self):
-        d = batch_cluster(1)
-        conns = burst(d, 6)
-        d.ack(0, [1, 2, 3, 4])
-        assert [c.closed for c in conns] == [True] * 4 + [False] * 2
-        assert d.workers[0].channel.records[1] == [(5, 104), (6, 105)] and not d.pending
-
-    def test_a_share_larger_than_max_fds_is_split_into_records(self):
-        d = batch_cluster(1, window=3 * MAX_FDS)
-        burst(d, 2 * MAX_FDS + 1)
-        assert [len(r) for r in d.workers[0].channel.records] == [MAX_FDS, MAX_FDS, 1]
-
-    def test_a_full_channel_requeues_the_whole_share_in_order_and_the_other_worker_takes_it(self):
-        blocked = []
-        d = batch_cluster(2, window=8, on_blocked=blocked.append)
-        d.workers[0].channel.fail = errno.EAGAIN
-        burst(d, 6)
-        assert blocked == [0] and not d.workers[0].unacked and d.workers[0].full_since is None
-        assert d.workers[1].channel.sent == [2, 4, 6, 1, 3, 5], "worker 0's share was lost or reordered"
-        assert not d.pending
-        assert (d.workers[0].handed, d.workers[1].handed) == (0, 6)
-
-    def test_a_worker_gone_mid_batch_loses_nothing_and_nothing_is_held_twice(self):
-        d = batch_cluster(3, window=8)
-        burst(d, 3)  # one each, unacknowledged
-        d.workers[1].channel.fail = errno.EPIPE
-        burst(d, 6, first=3)
-        assert 1 not in d.workers
-        assert holders(d) == set(range(1, 10)), "a socket of the dead worker's was lost"
-        live = d.workers[0].channel.sent + d.workers[2].channel.sent
-        assert sorted(live) == list(range(1, 10)) and len(live) == 9, f"live workers were sent {live}"
-
-    def test_every_worker_failing_leaves_everything_pending_once(self):
-        clock = FakeClock()
-        d = batch_cluster(2, clock=clock)
-        for w in d.workers.values():
-            w.channel.fail = errno.ENOMEM
-        burst(d, 5)
-        assert [conn_id for conn_id, _ in d.pending] == [1, 2, 3, 4, 5] and holders(d) == {1, 2, 3, 4, 5}
-        for w in d.workers.values():
-            w.channel.fail = None
-        clock.now += dispatch.SEND_RETRY
-        d.distribute_due()
-        assert holders(d) == {1, 2, 3, 4, 5} and not d.pending
-
-    def test_removing_a_worker_from_a_send_failure_does_not_send_twice(self):
-        d = batch_cluster(2, window=8)
-        d.workers[0].channel.fail = errno.ECONNRESET
-        burst(d, 4)
-        assert list(d.workers) == [1] and d.workers[1].channel.sent == [2, 4, 1, 3]
 
 
 class TestLeastConnections:

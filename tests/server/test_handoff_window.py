@@ -1,8 +1,9 @@
-"""Batched handoffs, from outside: several sockets per channel record, one acknowledgement per batch.
+"""A wide handoff window, from outside: many sockets in a worker's channel, acknowledged a turn's worth at a time.
 
-What must hold whatever the batch size: no accepted client is lost when its
-worker dies before acknowledging, the master keeps nothing once a storm is
-served, and a worker short of descriptors serves the sockets that fit.
+What must hold however many handoffs wait unacknowledged: no accepted client
+is lost when its worker dies before acknowledging, the master keeps nothing
+once a storm is served (closes riding on acknowledgements, not CLOSED records,
+under round-robin), and a worker short of descriptors serves those that fit.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def master_tcp_sockets(pid: int) -> list:
     return [c for c in psutil.Process(pid).net_connections("tcp") if c.status != psutil.CONN_LISTEN]
 
 
-class TestBatches:
-    def test_a_frozen_workers_unacknowledged_batch_goes_to_its_replacement(self, start_server):
+class TestWideWindow:
+    def test_a_frozen_workers_unacknowledged_handoffs_go_to_its_replacement(self, start_server):
         server = start_server("--workers", "1", "--handoff-window", str(WINDOW))
         (frozen,) = server.workers()
         os.kill(frozen, signal.SIGSTOP)
@@ -36,7 +37,7 @@ class TestBatches:
             wait_for(lambda: server.stats()["workers"][0].get("unacked") == WINDOW, timeout=10,
                      what=f"{WINDOW} handoffs in frozen worker {frozen}'s channel, unacknowledged")
             os.kill(frozen, signal.SIGKILL)
-            expect_pongs(socks, f"the replacement of worker {frozen}, killed before acknowledging its batch")
+            expect_pongs(socks, f"the replacement of worker {frozen}, killed before acknowledging")
             assert server.stats()["master"]["redistributed"] == WINDOW
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -48,7 +49,7 @@ class TestBatches:
         server = start_server("--workers", "2", "--handoff-window", str(WINDOW))
         socks = send_pings(server.address, 300)
         try:
-            expect_pongs(socks, "2 workers with batched handoffs")
+            expect_pongs(socks, f"2 workers with a window of {WINDOW}")
             wait_for(lambda: not master_tcp_sockets(server.pid), what=(
                 f"master {server.pid} to close its copy of every handed-off client (still holds "
                 f"{len(master_tcp_sockets(server.pid))})"))
@@ -62,7 +63,7 @@ class TestBatches:
     def test_a_worker_short_of_descriptors_serves_the_sockets_that_fit(self, start_server):
         server = start_server("--workers", "1", "--handoff-window", str(WINDOW))
         (worker,) = server.workers()
-        os.kill(worker, signal.SIGSTOP)  # the batch waits in its channel while its descriptors run out
+        os.kill(worker, signal.SIGSTOP)  # the handoffs wait in its channel while its descriptors run out
         socks = []
         try:
             socks = send_pings(server.address, 6)
@@ -77,7 +78,7 @@ class TestBatches:
                 wait_for(lambda: server.stats()["master"]["rejected_closed"] == 6 - room, what=(
                     f"the {6 - room} sockets beyond worker {worker}'s {room} free descriptors closed after "
                     f"{dispatch.REJECT_BUDGET} rejects"))
-                expect_pongs(socks[:room], f"worker {worker}: the first sockets of the batch, those that fit")
+                expect_pongs(socks[:room], f"worker {worker}: the first handed, those that fit")
                 for i, sock in enumerate(socks[room:], room):
                     assert closed_by_peer(sock) in ("eof", "reset"), (
                         f"client {i}, beyond worker {worker}'s {room} free descriptors, was not closed")
