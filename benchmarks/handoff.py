@@ -16,11 +16,16 @@ figure is the median of its rounds.  The same is then measured with one
 client at a time (how the issue's reference figures were taken), where no
 batching hides the cost of each wake-up; those rows have no target.  Every ping carries the same params,
 encoded once by the load generator, to keep the clients light.
+
+``--before DIR`` (``python -m benchmarks --only handoff --before /tmp/main/server``) adds the
+round-robin master of another checkout's ``server/`` directory to the same rotation, so a change
+to the server is judged against the code it replaces in one run, on the same machine state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, List, Tuple
 
 from pytest_fdcluster import load
@@ -33,6 +38,8 @@ WORKERS = 2
 MAX_FLOOR_RATIO = 1.25
 MAX_NODE_RATIO = 1 / 3
 PAYLOAD = 0
+BEFORE_ENV = "FDCLUSTER_BENCH_BEFORE"  # set by ``python -m benchmarks --before DIR``
+BEFORE = "round-robin, before"
 
 
 Target = Tuple[str, int, processes.Address]  # (name, pid whose CPU is measured, address)
@@ -55,6 +62,11 @@ def measure(targets: List[Target], connections: int, rounds: int, clients: int,
     return per_connection, failures
 
 
+def paired_ratio(after: List[float], before: List[float]) -> float:
+    """The median of after/before round by round: both were measured within a minute of each other."""
+    return processes.median([a / b for a, b in zip(after, before) if b > 0])
+
+
 def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
     connections = 400 if quick else 15000
     sequential_connections = 200 if quick else 3000
@@ -68,6 +80,11 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
         for strategy in ("round-robin", "least-connections"):
             cluster = stack.enter_context(processes.cluster(processes.reference_settings(WORKERS, strategy), strategy))
             targets.append((strategy, cluster.master, cluster.address))
+        before_dir = os.environ.get(BEFORE_ENV)
+        if before_dir:
+            before = processes.other_checkout_settings(WORKERS, before_dir)
+            cluster = stack.enter_context(processes.cluster(before, "before"))
+            targets.append((BEFORE, cluster.master, cluster.address))
         if node is not None:
             cluster = stack.enter_context(processes.cluster(node, "node"))
             targets.append(("node", cluster.master, cluster.address))
@@ -77,7 +94,7 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
         per_connection, failures = measure(targets, connections, rounds, clients, procs)
         # One client at a time, as the issue's reference figures were taken: no batching anywhere.
         sequential_targets = [target for target in targets if target[0] != "least-connections"]
-        sequential, sequential_failures = measure(sequential_targets, sequential_connections, max(1, rounds // 2), 1, 1)
+        sequential, sequential_failures = measure(sequential_targets, sequential_connections, rounds, 1, 1)
 
     us = {name: processes.median(values) * 1e6 for name, values in per_connection.items()}
     floor_us, node_us = us["floor"], us.get("node")
@@ -106,8 +123,24 @@ def run(quick: bool) -> Tuple[List[Figure], processes.Details]:
                               extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection["node"]],
                                      "failed_requests": failures["node"]}))
 
+    if BEFORE in us:
+        paired = paired_ratio(per_connection["round-robin"], per_connection[BEFORE])
+        figures.append(Figure(BENCHMARK, "master CPU per connection, round-robin", us["round-robin"], "us",
+                              us[BEFORE], f"the same, {before_dir}",
+                              note=f"before: {us[BEFORE] / floor_us:.2f}x floor; "
+                                   f"after: {us['round-robin'] / floor_us:.2f}x floor; "
+                                   f"median of the rounds' after/before: {paired:.2f}",
+                              extra={"rounds_us": [round(v * 1e6, 2) for v in per_connection[BEFORE]],
+                                     "paired_ratio": round(paired, 3)}))
+
     seq_us = {name: processes.median(values) * 1e6 for name, values in sequential.items()}
+    if BEFORE in seq_us:
+        paired = paired_ratio(sequential["round-robin"], sequential[BEFORE])
+        figures.append(Figure(BENCHMARK, "master CPU per connection, round-robin, one client at a time",
+                              seq_us["round-robin"], "us", seq_us[BEFORE], f"the same, {before_dir}",
+                              note=f"median of the rounds' after/before: {paired:.2f}"))
     for name, label in (("round-robin", "master CPU per connection, round-robin"),
+                        (BEFORE, "master CPU per connection, round-robin before"),
                         ("node", "Node cluster primary CPU per connection")):
         if name not in seq_us:
             continue

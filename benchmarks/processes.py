@@ -117,6 +117,20 @@ def node_settings(workers: int) -> Optional[ClusterSettings]:
     return resolve({"workers": workers, "server": command, "ready_line": True}, no_setting, no_setting)
 
 
+def other_checkout_settings(workers: int, server_dir: str, strategy: str = "round-robin") -> ClusterSettings:
+    """Settings for the reference server imported from ``server_dir`` (another checkout's ``server/``).
+
+    How a change is measured against the code it replaces in one run: the same
+    interpreter, ``PYTHONPATH`` pointing at the other copy of ``fdcluster_server``.
+    """
+    package = os.path.join(server_dir, "fdcluster_server", "__main__.py")
+    if not os.path.exists(package):
+        raise FileNotFoundError(f"{server_dir} holds no fdcluster_server package ({package} is missing)")
+    command = ["env", f"PYTHONPATH={os.path.abspath(server_dir)}", sys.executable, "-m", "fdcluster_server",
+               "--host", "{host}", "--port", "{port}", "--workers", "{workers}", "--strategy", strategy]
+    return resolve({"workers": workers, "server": command, "ready_line": True}, no_setting, no_setting)
+
+
 @contextlib.contextmanager
 def cluster(settings: ClusterSettings, name: str) -> Iterator[Cluster]:
     """A running cluster, stopped (every process killed, port freed) on the way out."""

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"run only these benchmarks (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
     parser.add_argument("--json", default=DEFAULT_JSON, metavar="PATH",
                         help="where to write the results (default: benchmarks/results/latest.json)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="handoff: also measure the reference server of another checkout's server/ directory "
+                             "(the code a change replaces), in the same rotation")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     return parser
 
@@ -59,6 +62,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     names = selected(args.only, parser)
+    if args.before:
+        from .handoff import BEFORE_ENV
+
+        os.environ[BEFORE_ENV] = os.path.abspath(args.before)
     started = datetime.datetime.now(datetime.timezone.utc)
     document: Dict[str, Any] = {
         "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -113,6 +113,10 @@ class Acceptor:
         sock.setblocking(False)
         self.sock = sock
 
+    def fileno(self) -> int:
+        """The listener's descriptor (-1 once closed)."""
+        return self.sock.fileno() if self.sock is not None else -1
+
     def address(self) -> Tuple[str, int]:
         """The bound host and port (the port the kernel chose for port 0)."""
         assert self.sock is not None, "address() of a closed listener"
@@ -125,13 +129,14 @@ class Acceptor:
         assert sock is not None  # registered only while listening
         dispatcher = self.dispatcher
         accepted = 0
+        raw_accept = sock._accept  # type: ignore[attr-defined]
         try:
-            for _ in range(ACCEPT_BATCH):
-                if dispatcher.full:
-                    return  # leave the rest in the kernel's backlog
+            # Until the backlog is empty (EAGAIN), the batch is done or the pending queue is full; then the
+            # rest waits in the kernel's backlog.
+            for _ in range(min(ACCEPT_BATCH, dispatcher.max_pending - len(dispatcher.pending))):
                 try:
                     # What socket.accept() wraps: accept4(SOCK_CLOEXEC), giving the bare descriptor.
-                    fd, _ = sock._accept()  # type: ignore[attr-defined]
+                    fd, _ = raw_accept()
                 except (BlockingIOError, InterruptedError):
                     return  # the backlog is empty
                 except OSError as exc:

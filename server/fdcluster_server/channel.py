@@ -6,8 +6,9 @@ a 9-byte header (kind, 64-bit argument) and an optional payload.
 
 master -> worker: HANDOFF (conn id, one fd attached), STATS (query id), DRAIN.
 worker -> master: READY, ACK (connections closed since the last report;
-payload: conn ids), REJECT (payload: conn ids), CLOSED (count), COUNTERS
-(query id, payload: JSON), HEARTBEAT (with ``--heartbeat-timeout``).
+payload: conn ids), REJECT (payload: conn ids), CLOSED (count; least-connections
+only: elsewhere closes wait for the next ACK), COUNTERS (query id, payload:
+JSON), HEARTBEAT (with ``--heartbeat-timeout``).
 
 A record never exceeds ``MAX_RECORD``: id lists are split over several
 records.  One that does anyway arrives cut short (MSG_TRUNC) and ``receive``
@@ -141,8 +142,9 @@ class Channel:
                 raise EOFError
             fds = _fds_from(ancdata)
             truncated = bool(flags & _CTRUNC)
-            for fd in fds:
-                os.set_inheritable(fd, False)  # where MSG_CMSG_CLOEXEC is missing
+            if not _CLOEXEC:
+                for fd in fds:
+                    os.set_inheritable(fd, False)  # MSG_CMSG_CLOEXEC is missing (where present: one ioctl less)
             cut = flags & _TRUNC
             if truncated or cut or len(data) < HEADER.size:
                 for fd in fds:

@@ -119,6 +119,8 @@ class Dispatcher:
         self.on_blocked = on_blocked
         self.workers: Dict[int, WorkerSlot] = {}  # index -> slot: all live workers
         self._order: List[int] = []  # their indexes, sorted: the rotation (kept by add and remove)
+        self._rotations: List[List[WorkerSlot]] = []  # the rotation from each start position in _order
+        self._rotations_of: Optional[List[int]] = None  # the _order they were built from
         self.pending: Deque[Pending] = deque()
         self._rejects: Dict[int, int] = {}  # conn id -> rejects so far, for sockets rejected at least once
         self._cursor = 0  # round-robin position, as a worker index
@@ -334,8 +336,11 @@ class Dispatcher:
             return None
         # Start just after the last worker served, so ties rotate.
         start = bisect.bisect_left(order, self._cursor)
-        workers = self.workers
-        rotation = [workers[i] for i in order[start:] + order[:start]]
+        if self._rotations_of is not order:  # the workers changed (``_order`` is a new list then): rebuild
+            workers = self.workers
+            self._rotations = [[workers[i] for i in order[k:] + order[:k]] for k in range(len(order) + 1)]
+            self._rotations_of = order
+        rotation = self._rotations[start]
         if self.strategy == LEAST_CONNECTIONS:
             candidates = [w for w in rotation if len(w.unacked) < self.window
                           and (w.paused_until is None or self._pause_over(w))]

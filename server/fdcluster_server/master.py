@@ -43,6 +43,7 @@ from .worker import Worker, close_inherited_fds
 log = logging.getLogger("fdcluster.master")
 
 FAST_STOP_TIMEOUT = 1.0
+REAP_SWEEP = 1.0  # reaping follows SIGCHLD; this sweep is only a safety net
 GRACEFUL, FAST = "graceful", "fast"  # values of Master.stopping, as stats reports them
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGCHLD)  # each by Master.handle_<name>
@@ -80,6 +81,10 @@ class Master:
         self.stop_deadline = 0.0
         self.drain_sent = False
         self.announced = False
+        self.hot_fds: Set[int] = set()  # the listener's and the channels': events that need no chores
+        self.chores_due = True  # do_chores this turn, whatever chores_at says
+        self.chores_at = 0.0
+        self.reap_at = 0.0  # the next reap without a SIGCHLD: a safety sweep, once a second
 
     # -- start-up -------------------------------------------------------------------
 
@@ -107,9 +112,14 @@ class Master:
         for index in self.slots:
             self.spawn_worker(index)
         self.acceptor.set_accepting(self.config.strategy != SHARED_ACCEPT)
+        hot = self.hot_fds
+        hot.add(self.acceptor.fileno())
         while True:
+            chores = self.chores_due
             for key, mask in self.selector.select(self.next_timeout()):
                 key.data(mask)
+                if key.fd not in hot:
+                    chores = True  # a signal, the control socket: the rest of the turn may have work
             self.handle_signals()
             if self.stopping:
                 if self.stopping == GRACEFUL:
@@ -117,25 +127,39 @@ class Master:
                 if self.step_shutdown():
                     return EXIT_OK
                 continue
-            self.reap_workers()
-            self.respawn_due_workers()
-            self.dispatcher.distribute_due()
-            self.kill_silent_workers()
-            self.announce_ready()
+            if chores or time.monotonic() >= self.chores_at:
+                self.do_chores()
+            else:
+                self.dispatcher.distribute_due()
             self.manage_accepting()
-            self.control.expire_queries()
 
-    def next_timeout(self) -> float:
+    def do_chores(self) -> None:
+        """The turn's work beyond accepts and ACKs, then when it is next due (``chores_at``): a turn that only
+        accepted and read ACKs skips it (reaping follows SIGCHLD, plus a sweep); each deadline is in ``chores_at``."""
+        self.chores_due = False
+        now = time.monotonic()
+        if now >= self.reap_at:
+            self.reap_workers()
+        self.respawn_due_workers()
+        self.dispatcher.distribute_due()
+        self.kill_silent_workers()
+        self.announce_ready()
         deadlines = [slot.respawn_at for slot in self.slots.values() if slot.respawn_at is not None]
-        for deadline in (self.control.next_deadline(), self.dispatcher.next_deadline(), self.acceptor.resume_at(),
-                         None if self.stopping else self.watchdog.deadline(self.live_processes())):
+        for deadline in (self.control.next_deadline(), self.watchdog.deadline(self.live_processes())):
             if deadline is not None:
                 deadlines.append(deadline)
+        self.chores_at = min(deadlines, default=self.reap_at)
+
+    def next_timeout(self) -> float:
         if self.stopping:
-            deadlines.append(self.stop_deadline)
-        if not deadlines:
-            return 1.0
-        return max(0.0, min(1.0, min(deadlines) - time.monotonic()))
+            deadlines = (self.stop_deadline, self.control.next_deadline(), self.dispatcher.next_deadline())
+        else:
+            deadlines = (self.chores_at, self.dispatcher.next_deadline(), self.acceptor.resume_at())
+        deadline = deadlines[0]
+        for other in deadlines:
+            if other is not None and other < deadline:
+                deadline = other
+        return max(0.0, min(1.0, deadline - time.monotonic()))
 
     # -- signals, queued by their handlers and handled here --------------------------
 
@@ -239,6 +263,7 @@ class Master:
         self.processes[pid] = process
         self.slots[index].process = process
         self.selector.register(master_end, _READ, lambda mask, p=process: self.channel_event(p, mask))
+        self.hot_fds.add(master_end.fileno())
         log.info("worker %d: started, pid %d", index, pid)
 
     def spawn_failed(self, index: int, exc: OSError) -> None:
@@ -250,6 +275,7 @@ class Master:
 
     def reap_workers(self) -> None:
         """Collect every dead child, so none stays a zombie, and arrange its replacement."""
+        self.reap_at = time.monotonic() + REAP_SWEEP
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -261,6 +287,7 @@ class Master:
             if process is None:
                 continue  # not a worker of ours (a handler's own child, say)
             self.deaths += 1
+            self.chores_due = True  # a respawn to schedule
             level = logging.INFO if self.stopping or status == 0 else logging.WARNING
             log.log(level, "worker %d (pid %d) %s", process.index, pid, describe_status(status))
             if process.channel is not None:
@@ -281,6 +308,7 @@ class Master:
             log.warning("worker %d (pid %d) died holding %d unacknowledged connections: handing them to live workers",
                         process.index, process.pid, len(requeued))
         self.selector.unregister(process.channel.sock)
+        self.hot_fds.discard(process.channel.fileno())
         process.channel.close()
         process.channel = None
         self.control.worker_lost(process.index)
@@ -346,6 +374,7 @@ class Master:
         self.selector.modify(process.channel.sock, _READ_WRITE, lambda m, p=process: self.channel_event(p, m))
 
     def read_channel(self, process: Process) -> None:
+        """Act on every record worker ``process`` sent (all that wait: one per turn measured slower)."""
         channel = process.channel
         if channel is None:
             return  # lost already: its records were read then
@@ -353,12 +382,16 @@ class Master:
         process.heard = time.monotonic()
         try:
             for record in channel.receive():
+                if record.fd is not None:
+                    os.close(record.fd)  # workers never send descriptors; never keep a stray one
                 kind = record.kind
                 if kind == ch.ACK:
                     if record.arg:
                         self.dispatcher.closed(index, record.arg)
                     self.dispatcher.ack(index, record.ids())
-                elif kind == ch.CLOSED:
+                    continue  # the hot path: nothing else of the master's changes
+                self.chores_due = True  # a worker ready to announce, a query answered, a pause: see to them
+                if kind == ch.CLOSED:
                     self.dispatcher.closed(index, record.arg)
                 elif kind == ch.REJECT:
                     self.dispatcher.reject(index, record.ids())
@@ -367,8 +400,6 @@ class Master:
                     self.dispatcher.add(WorkerSlot(index, process.pid, channel))
                 elif kind == ch.COUNTERS:
                     self.control.collect_counters(record.arg, index, record.json())
-                if record.fd is not None:
-                    os.close(record.fd)  # workers never send descriptors; never keep a stray one
         except EOFError:
             self.lose_worker(process)
         except ch.TruncatedRecord as exc:

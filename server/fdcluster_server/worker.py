@@ -28,6 +28,7 @@ from . import protocol, signals
 from .acceptor import OUT_OF_RESOURCES, AcceptBackoff
 from .config import EXIT_MASTER_GONE, EXIT_OK, ServerConfig, connection_cap
 from .connection import Connection, ConnectionIO
+from .dispatch import LEAST_CONNECTIONS
 from .handlers import OUT_OK, Handler, Reply
 
 log = logging.getLogger("fdcluster.worker")
@@ -73,6 +74,7 @@ class Worker(ConnectionIO):
         self.acks: List[int] = []
         self.rejects: List[int] = []
         self.closed_unreported = 0
+        self.report_closes = config.strategy == LEAST_CONNECTIONS  # a CLOSED record as soon as one closes
         self.counters = {"accepted": 0, "closed": 0, "requests": 0, "errors": 0, "rejected": 0, "timeouts": 0}
         self.signals = signals.SignalQueue()
         timeouts = [t for t in (config.idle_timeout, config.keepalive_timeout, config.write_timeout) if t > 0]
@@ -189,7 +191,11 @@ class Worker(ConnectionIO):
         self.acks.append(conn_id)
 
     def report(self) -> None:
-        """Tell the master what changed this turn, in one record per kind; closes ride on an ACK."""
+        """Tell the master what changed this turn, in one record per kind; closes ride on an ACK.
+
+        Only least-connections reads the close count to choose a worker: under the other strategies
+        the count waits for the next ACK instead of waking the master with a CLOSED record of its own.
+        """
         try:
             if self.acks:
                 self.channel.send_ack(self.acks, self.closed_unreported)
@@ -199,7 +205,7 @@ class Worker(ConnectionIO):
                 self.counters["rejected"] += len(self.rejects)
                 self.channel.send_ids(ch.REJECT, self.rejects)
                 self.rejects = []
-            if self.closed_unreported:
+            if self.closed_unreported and self.report_closes:
                 self.channel.send(ch.CLOSED, self.closed_unreported)
                 self.closed_unreported = 0
         except OSError:
