@@ -14,8 +14,9 @@ worker silent for longer is SIGKILLed, and its unacknowledged sockets requeued.
 
 One ``lifecycle.Slot`` per worker index outlives the processes that fill it.  The
 listening socket lives in ``acceptor.Acceptor``, the handoff bookkeeping in
-``dispatch.Dispatcher``, the control socket in ``control.ControlServer``; this
-module supervises and moves the records.
+``dispatch.Dispatcher``, the control socket in ``control.ControlServer`` (which
+asks ``control_source.MasterControlSource`` for figures); this module supervises
+and moves the records.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, Optional, Set
 
 from . import channel as ch
 from . import lifecycle, signals
 from .acceptor import Acceptor
 from .config import EXIT_OK, EXIT_STARTUP_FAILED, EXIT_WORKER_CRASHED, READY_TAG, ServerConfig
 from .control import ControlServer, ControlSocketError
+from .control_source import MasterControlSource
 from .dispatch import SHARED_ACCEPT, Dispatcher, WorkerSlot
 from .handlers import Handler
 from .lifecycle import Process, Slot, Watchdog, describe_status
@@ -68,7 +70,7 @@ class Master:
         self.dispatcher = Dispatcher(config.strategy, config.handoff_window, config.max_pending,
                                      on_blocked=self.watch_blocked_channel)
         self.acceptor = Acceptor(self.selector, self.dispatcher, self.pid)
-        self.control = ControlServer(self.selector, self)
+        self.control = ControlServer(self.selector, MasterControlSource(self))
         self.signals = signals.SignalQueue()
         self.processes: Dict[int, Process] = {}  # pid -> process, until reaped
         self.slots: Dict[int, Slot] = {index: Slot(index) for index in range(config.workers)}
@@ -208,7 +210,7 @@ class Master:
         if self.stopping == GRACEFUL and not self.drain_sent and not self.dispatcher.pending:
             # Handoffs already sent precede DRAIN on each channel, so they are served.
             for process in self.live_processes():
-                self._send(process, ch.DRAIN)
+                self.send_record(process, ch.DRAIN)
             self.drain_sent = True
         if not self.processes:
             self.dispatcher.close_all()
@@ -423,7 +425,7 @@ class Master:
             self.heartbeat_kills += 1
             self.kill_worker(process)
 
-    def _send(self, process: Process, kind: int, arg: int = 0) -> None:
+    def send_record(self, process: Process, kind: int, arg: int = 0) -> None:
         if process.channel is None:
             return  # lost: nothing to send to
         try:
@@ -456,37 +458,3 @@ class Master:
         sys.stdout.write(f"{READY_TAG} {json.dumps(info)}\n")
         sys.stdout.flush()
         log.info("master %d: ready on %s:%d with %d workers", self.pid, host, port, self.config.workers)
-
-    # -- what the control socket asks (control.ControlSource) ----------------------
-
-    def request_counters(self, query_id: int) -> Set[int]:
-        """Ask every ready worker for its counters; the indexes asked."""
-        asked = set()
-        for process in self.live_processes():
-            if process.channel is not None and process.ready:
-                asked.add(process.index)
-                self._send(process, ch.STATS, query_id)
-        return asked
-
-    def worker_table(self) -> List[Dict[str, int]]:
-        return [{"index": process.index, "pid": process.pid} for process in self.live_processes()]
-
-    def stats(self, counters: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
-        """The master's figures and each worker's, merged by worker index."""
-        workers = []
-        for index, slot in self.slots.items():
-            live = self.dispatcher.workers.get(index)
-            entry: Dict[str, Any] = {"index": index, "pid": slot.process.pid if slot.process else None,
-                                     "respawns": slot.respawns, "reported": index in counters}
-            if live is not None:
-                entry.update(handed=live.handed, acked=live.acked, unacked=len(live.unacked),
-                             rejected_by_worker=live.rejected)
-            entry.update(counters.get(index, {}))
-            workers.append(entry)
-        d = self.dispatcher
-        master = {"pid": self.pid, "strategy": self.config.strategy, "accepted": d.accepted, "pending": len(d.pending),
-                  "held": d.held, "redistributed": d.redistributed, "rejected_closed": d.rejected_closed,
-                  "deaths": self.deaths, "spawn_failures": self.spawn_failures, "heartbeat_kills": self.heartbeat_kills,
-                  "respawns": sum(slot.respawns for slot in self.slots.values()), "stopping": self.stopping}
-        return {"master": master, "workers": workers}
-
