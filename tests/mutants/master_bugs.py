@@ -55,7 +55,7 @@ def unfair_dispatch() -> None:
 
     def pick(self):
         current = self.workers.get(self._cursor - 1)
-        if current is not None and 0 < len(current.unacked) < self.window:
+        if current is not None and 0 < len(current.unacked) < 64:
             return current  # sticky while it has handoffs in flight
         return original(self)
 

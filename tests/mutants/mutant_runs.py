@@ -42,6 +42,8 @@ PROBE_TIMEOUT = 15.0
 CAUGHT, MISSED, BROKEN, BASELINE, NO_OWNER = "caught", "missed", "broken", "baseline", "owner missing"
 # "AssertionError: ", "Failed: ", "pytest_fdcluster.checks.CheckFailed: ": the exception's name before the message.
 _EXCEPTION_PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Failed|Exception|Failure|Missing|Timeout)?: ")
+# junit's message for a failure outside the test's call: 'failed on setup with "Failed: fdcluster: ..."'.
+_PHASE_WRAPPER = re.compile(r'^failed on (?:setup|teardown) with "(.*?)"?$')
 
 
 class Outcome(NamedTuple):
@@ -145,7 +147,13 @@ def parse_junit(path: Path) -> List[Outcome]:
 def first_line(message: str) -> str:
     """The message's first non-empty line, without the exception's name."""
     lines = [line for line in message.strip().splitlines() if line.strip()]
-    return _EXCEPTION_PREFIX.sub("", lines[0].strip(), count=1) if lines else ""
+    if not lines:
+        return ""
+    line = lines[0].strip()
+    wrapped = _PHASE_WRAPPER.match(line)
+    if wrapped:
+        line = wrapped.group(1)
+    return _EXCEPTION_PREFIX.sub("", line, count=1)
 
 
 def names_invariant(outcome: Outcome, invariants: Sequence[str]) -> bool:
