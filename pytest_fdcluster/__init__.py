@@ -5,12 +5,13 @@ The public API, for users' own scenarios: the fixtures ``fdcluster``,
 (from the plugin), plus what this package exports below: the cluster and its
 client, the fault injectors (``faults``), the load generator (``load``), what
 processes consume (``resources``), what a target declares (``Capabilities``,
-``require``) and the assertions.  Everything else is internal.
+``require``), hostile frames and their judge (``hostile``), fairness statistics
+with stated power (``stats``) and the assertions.  Everything else is internal.
 """
 
 from fdcluster_server import protocol  # the one framing implementation, for frames built by hand
 
-from . import faults, load, resources
+from . import faults, hostile, load, resources, stats
 from .capabilities import Capabilities, CapabilityMissing, require
 from .checks import (
     CheckFailed,
@@ -42,5 +43,6 @@ __all__ = [
     "GracefulStopError", "ObservationError", "ObservationSkipped", "RemoteError", "Snapshot", "StopResult",
     "TargetStartupError", "assert_fair", "assert_master_holds_no_clients",
     "assert_no_close_wait", "assert_no_fd_growth", "assert_no_fd_leak", "assert_round_robin", "fairness",
-    "faults", "format_distribution", "load", "process_alive", "protocol", "resources", "snapshot", "wait_until",
+    "faults", "format_distribution", "hostile", "load", "process_alive", "protocol", "resources", "snapshot",
+    "stats", "wait_until",
 ]

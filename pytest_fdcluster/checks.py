@@ -17,6 +17,7 @@ Numerical Recipes style) so the plugin needs no scipy.  No pytest import.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -29,6 +30,7 @@ __all__ = [
     "FD_GROWTH_FAILED",
     "FD_LEAK_FAILED",
     "MASTER_HOLDS_CLIENTS",
+    "PSEUDO_BUCKETS",
     "ROUND_ROBIN_FAILED",
     "CheckFailed",
     "FairnessError",
@@ -53,6 +55,13 @@ FD_LEAK_FAILED = "fd leak"
 FD_GROWTH_FAILED = "fd growth"
 CLOSE_WAIT_FAILED = "close-wait"
 MASTER_HOLDS_CLIENTS = "master holds clients"
+
+#: Why a distribution with a bucket that is not a worker is refused: ``{counted}`` is "N connections were
+#: counted for master and M for unowned".
+PSEUDO_BUCKETS = (FAIRNESS_FAILED + ": {counted}; only workers may be buckets \u2014 a connection held by the master "
+                  "or by nobody is an 'exactly one holder' failure, not a fairness figure")
+#: What a worker's label looks like: ``worker N`` (its index), or ``worker pid N`` for one the cluster could not index.
+WORKER_LABEL = re.compile(r"worker (?:pid )?\d+")
 
 FEWEST_MARK = "<- fewest"
 BAR_WIDTH = 40
@@ -175,10 +184,15 @@ def fairness(counts: Mapping[str, int]) -> FairnessStats:
     """Statistics of a distribution of work, label -> count.
 
     No work at all counts as perfectly fair (Jain 1.0, ratio 1.0, p 1.0).
-    Raises ValueError for no labels or a negative count.
+    Raises ValueError for no labels or a negative count, and ``CheckFailed``
+    (``PSEUDO_BUCKETS``) for a label that is not a worker's (``WORKER_LABEL``):
+    ``master`` or ``unowned`` counted as a worker would hide the very failure
+    they stand for and skew every figure.
     """
+    __tracebackhide__ = True
     if not counts:
         raise ValueError("fairness of no workers is undefined")
+    _refuse_pseudo_buckets(counts)
     values = list(counts.values())
     if min(values) < 0:
         raise ValueError(f"negative count in {dict(counts)}")
@@ -193,6 +207,17 @@ def fairness(counts: Mapping[str, int]) -> FairnessStats:
     return FairnessStats(
         dict(counts), total, most - fewest, jain, ratio, chi_square, chi_square_p_value(chi_square, n - 1)
     )
+
+
+def _refuse_pseudo_buckets(counts: Mapping[str, int]) -> None:
+    __tracebackhide__ = True
+    strays = [(label, n) for label, n in counts.items() if not WORKER_LABEL.fullmatch(str(label))]
+    if not strays:
+        return
+    (label, n), rest = strays[0], strays[1:]
+    counted = f"{plural(n, 'connection')} {'was' if n == 1 else 'were'} counted for {label}"
+    counted += "".join(f" and {m} for {other}" for other, m in rest)
+    raise CheckFailed(FAIRNESS_FAILED, PSEUDO_BUCKETS.format(counted=counted))
 
 
 def format_distribution(counts: Mapping[str, int]) -> str:

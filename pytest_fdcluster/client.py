@@ -92,6 +92,8 @@ class Client:
             address if isinstance(address, str) else (address[0], int(address[1]))
         )
         self.timeout = timeout
+        #: The Cluster that made this client (``Cluster.client()``), so faults done on it are recorded there.
+        self.cluster: Optional[Any] = None
         self._decoder = protocol.FrameDecoder(max_frame)
         self._frames: Deque[bytes] = deque()
         self._closed = False

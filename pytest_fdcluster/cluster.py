@@ -27,6 +27,7 @@ from .capabilities import Capabilities
 from .client import Client, ClientError
 from .polling import ClusterError, wait_until
 from .settings import ClusterSettings
+from .stopping import describe_stop
 from .target import RunningTarget, StopResult, TargetSpec, start_target
 
 WorkerRef = Union[int, str]
@@ -151,8 +152,13 @@ class Cluster:
     # -- talking to it ----------------------------------------------------------------
 
     def client(self, timeout: float = DEFAULT_CALL_TIMEOUT) -> Client:
-        """A connected protocol client; use it as a context manager."""
-        return Client(self.address, timeout=timeout)
+        """A connected protocol client; use it as a context manager.
+
+        Its ``cluster`` is this cluster, so a fault done on the client is recorded in ``events``.
+        """
+        client = Client(self.address, timeout=timeout)
+        client.cluster = self
+        return client
 
     def call(self, method: str, params: Any = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
         """One request on a fresh connection; returns the result, raises ``RemoteError`` on an error frame."""
@@ -216,13 +222,18 @@ class Cluster:
 
     # -- faults on workers ------------------------------------------------------------------
 
-    def kill_worker(self, worker: WorkerRef = 0, sig: int = signal.SIGKILL, timeout: float = KILL_TIMEOUT) -> int:
+    def kill_worker(self, worker: WorkerRef = 0, sig: int = signal.SIGKILL, timeout: float = KILL_TIMEOUT,
+                    wait: bool = True) -> int:
         """Send ``sig`` (SIGKILL by default) to one worker and return its pid once it is dead.
 
         Dead includes a zombie its master has not reaped yet.  From then on the
         pid is never listed in ``workers``, so ``wait_for_workers(n)`` waits for
         its replacement.  Raises ``ClusterError`` if it is still alive after
         ``timeout`` seconds (a worker that handles ``sig`` and keeps running).
+        A paused worker is continued after ``sig`` (it could not act on it
+        otherwise).  ``wait=False`` returns at once, for a SIGTERM whose drain
+        needs the test's clients to keep reading; the worker is still never
+        listed again.
         """
         __tracebackhide__ = True
         pid = self.worker_pid(worker)
@@ -237,8 +248,9 @@ class Cluster:
             self._signal(pid, signal.SIGCONT)
         self._record(f"{name} worker pid {pid}")
         log.info("%s: %s worker pid %d", self.name, name, pid)
-        wait_until(lambda: not process_alive(pid), timeout,
-                   lambda: f"worker pid {pid} of {self.name} to die after {name}; it is still {_status(pid)}")
+        if wait:  # a worker that survives the signal stays listed: the error says so
+            wait_until(lambda: not process_alive(pid), timeout,
+                       lambda: f"worker pid {pid} of {self.name} to die after {name}; it is still {_status(pid)}")
         self.paused.discard(pid)
         self.killed[pid] = created
         return pid
@@ -339,7 +351,7 @@ class Cluster:
                 self.final = None
         result = self.stop_result = self.target.stop()
         self._record("stopped")
-        log.info("%s: stopped in %.3f s: %s", self.name, result.seconds, _describe_stop(result))
+        log.info("%s: stopped in %.3f s: %s", self.name, result.seconds, describe_stop(result))
         return result
 
     def _signal(self, pid: int, sig: int) -> None:
@@ -364,26 +376,6 @@ def _status(pid: int) -> Optional[str]:
         return psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return None
-
-
-def _describe_stop(result: StopResult) -> str:
-    """One line for the log: how the master ended and what had to be killed."""
-    if result.exited_before_stop:
-        how = f"master had already exited ({result.returncode})"
-    elif result.master_killed:
-        how = f"master SIGKILLed after the {result.grace:g} s grace period"
-    else:
-        how = f"master exited {result.returncode} after SIGTERM"
-    parts = [how]
-    if result.signalled_by_test:
-        parts.append(f"the test sent it {', '.join(result.signalled_by_test)}")
-    if result.survivors_killed:
-        parts.append(f"SIGKILLed survivors {list(result.survivors_killed)}")
-    if result.remaining:
-        parts.append(f"LEFT ALIVE {list(result.remaining)}")
-    if not result.port_released:
-        parts.append("port still accepting")
-    return "; ".join(parts)
 
 
 def _seen_whole(snap: observe.Snapshot) -> Optional[observe.Snapshot]:

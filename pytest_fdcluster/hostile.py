@@ -9,7 +9,12 @@ attack), and the outcome a correct server must produce:
 - ``FATAL``: the stream cannot be resynchronised (a length above the maximum
   frame, a length that lies and then the client half-closes): the server may
   answer with an error frame, then must close the connection cleanly (EOF, not
-  a reset, not left open).
+  a reset, not left open);
+- ``EITHER``: a request JSON leaves ambiguous, where a correct server may answer
+  or refuse: any reply with a string ``"out"``, and a usable connection.  The
+  one such case is the duplicate key the issue names, ``{"in":"ping","in":"x"}``:
+  RFC 8259 leaves duplicate names to the parser, first-wins parsers answer
+  ``pong``, last-wins ones (Python's, V8's) call "x" and get an error frame.
 
 Under both, no process of the server may die.  Cases are built so that no
 correct server can answer them with success, whatever its JSON parser's
@@ -18,8 +23,10 @@ for a missing ``"in"``; fuzz mutants start from a request for a method no
 server has (``NO_SUCH_METHOD``), so a mutation can only make it worse.  Hence a
 leading byte order mark before a valid request is not a case (RFC 8259 lets a
 parser ignore it), and duplicate keys never pair a real method with another
-value except in the case the issue names (``{"in":"ping","in":"x"}``, where a
-first-wins parser answers ``pong``: an ambiguous request accepted).
+value except in the case the issue names (``EITHER`` above).
+
+The cases assume the reference's maximum frame (``MAX_FRAME``, 1 MiB);
+``against_limit`` restates a case for a target that declares another.
 
 ``judge`` decides by meaning: a reply is an error frame when it is a JSON object
 whose ``"out"`` is a string other than a success value (``SUCCESS_OUTS``: the
@@ -38,11 +45,14 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 
 __all__ = [
     "CLASSES",
+    "EITHER",
     "FATAL",
+    "SEED_VARIABLE",
     "RECOVERABLE",
     "SUCCESS_OUTS",
     "HostileCase",
     "Observed",
+    "against_limit",
     "fuzz_case",
     "fuzz_corpus",
     "is_error_frame",
@@ -53,6 +63,9 @@ __all__ = [
 
 RECOVERABLE = "recoverable"
 FATAL = "fatal"
+EITHER = "error-or-answer"
+#: The environment variable that fixes the fuzz corpus's seed, to replay a failure.
+SEED_VARIABLE = "FDCLUSTER_HOSTILE_SEED"
 SUCCESS_OUTS = frozenset({"pong", "echo", "whoami", "ok"})
 MAX_FRAME = 1 << 20  # the reference's default; RECOVERABLE frames stay under it
 NO_SUCH_METHOD = "fdcluster.hostile.no-such-method"
@@ -129,8 +142,10 @@ def _non_finite() -> List[bytes]:
     return _text('{"in":NaN}', '{"in":Infinity}', '{"in":-Infinity}', "NaN", "[Infinity,-Infinity,NaN]")
 
 
-def _duplicate_keys() -> List[bytes]:
-    return _text('{"in":"ping","in":"x"}', '{"in":"x","in":"y"}', '{"in":5,"in":null}')
+def _duplicate_keys() -> List[Tuple[bytes, str, bool]]:
+    # First-wins or last-wins is the parser's choice: only the first case can succeed, and only on a first-wins one.
+    ambiguous = [(_frame(b'{"in":"ping","in":"x"}'), EITHER, False)]
+    return ambiguous + [(_frame(b), RECOVERABLE, False) for b in _text('{"in":"x","in":"y"}', '{"in":5,"in":null}')]
 
 
 def _wrong_types() -> List[bytes]:
@@ -176,7 +191,7 @@ CLASSES: Dict[str, Callable[[], List[Tuple[bytes, str, bool]]]] = {
     "huge-numbers": _recoverable(_huge_numbers),
     "lone-surrogates": _recoverable(_lone_surrogates),
     "non-finite": _recoverable(_non_finite),
-    "duplicate-keys": _recoverable(_duplicate_keys),
+    "duplicate-keys": _duplicate_keys,
     "wrong-types": _recoverable(_wrong_types),
     "invalid-utf8": _recoverable(_invalid_utf8),
     "truncated-utf8": _recoverable(_truncated_utf8),
@@ -261,10 +276,28 @@ def fuzz_corpus(seed: int, count: int = 10_000) -> Iterator[HostileCase]:
 
 
 def replay_hint(seed: int, case_id: str) -> str:
-    """One line that tells a reader how to replay a failing case."""
-    index = case_id.split(":")[1] if case_id.count(":") >= 2 else "?"
-    return (f"replay: --fdcluster-seed {seed} (case {case_id}); in Python: "
-            f"pytest_fdcluster.hostile.fuzz_case({seed}, {index})")
+    """One line that tells a reader how to replay a failing case: the seed's variable, and the case alone."""
+    if case_id.count(":") >= 2:  # a fuzz case: seed:index:mutation[:named case]
+        alone = f"pytest_fdcluster.hostile.fuzz_case({seed}, {case_id.split(':')[1]})"
+    else:
+        alone = f"the named case {case_id} of pytest_fdcluster.hostile.named_cases()"
+    return f"replay: {SEED_VARIABLE}={seed} (case {case_id}); in Python: {alone}"
+
+
+def against_limit(case: HostileCase, max_frame: int) -> Optional[HostileCase]:
+    """``case`` restated for a target whose largest frame is ``max_frame`` bytes; None if it says nothing there.
+
+    A complete frame above the limit becomes FATAL (its length alone must be
+    refused).  An oversized length prefix at or below the limit is only an
+    incomplete frame there, which a correct server rightly waits for: None.
+    """
+    length = _HEADER.unpack_from(case.frame)[0]
+    complete = len(case.frame) - _HEADER.size >= length
+    if complete and length > max_frame and case.expected != FATAL:
+        return case._replace(expected=FATAL)
+    if not complete and not case.half_close and length <= max_frame:
+        return None
+    return case
 
 
 # -- judging ------------------------------------------------------------------------
@@ -289,20 +322,24 @@ def judge(case_id: str, expected: str, observed: Observed) -> Optional[str]:
     want = {
         RECOVERABLE: "an error frame and a usable connection (recoverable)",
         FATAL: "at most an error frame, then a clean close (fatal)",
+        EITHER: "an error frame or an answer, and a usable connection (ambiguous request)",
     }[expected]
     head = f"hostile input: case {case_id}: expected {want}; got"
     if observed.died:
         return f"{head} the death of {', '.join(observed.died)}"
     reply, end = observed.reply, observed.end
-    if reply is not NO_REPLY and not is_error_frame(reply):
+    if expected == EITHER:
+        if reply is not NO_REPLY and not (isinstance(reply, dict) and isinstance(reply.get("out"), str)):
+            return f"{head} {_describe(reply)}, which is neither an error frame nor an answer"
+    elif reply is not NO_REPLY and not is_error_frame(reply):
         return f"{head} {_describe(reply)}, which is not an error frame"
-    if expected == RECOVERABLE:
+    if expected in (RECOVERABLE, EITHER):
         if reply is NO_REPLY:
             return f"{head} no reply, and the connection {_END_WORDS[end]}"
         if end != OPEN:
-            return f"{head} an error frame, then the connection {_END_WORDS[end]}"
+            return f"{head} {_describe(reply)}, then the connection {_END_WORDS[end]}"
         if observed.usable is False:
-            return f"{head} an error frame, then no answer to a ping on the same connection"
+            return f"{head} {_describe(reply)}, then no answer to a ping on the same connection"
         return None
     if end != CLOSED:
         return f"{head} {_describe(reply)}, and the connection {_END_WORDS[end]}"

@@ -34,14 +34,18 @@ docstring says otherwise.  Pure: no I/O, no pytest.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, NamedTuple, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 __all__ = [
+    "BurstPlan",
     "ChiSquare",
+    "burst_plan",
+    "bursts_pass",
     "chi2_cdf",
     "chi2_sf",
     "chi_square_rejection_probability",
     "chi_square_uniform",
+    "failed_bursts",
     "is_rotation",
     "min_sample_size",
     "random_pass_probability",
@@ -323,3 +327,50 @@ def rotation_pass_probability(n: int, k: int) -> float:
     if n < k:
         return math.perm(k, n) / k**n
     return math.factorial(k) / k**n
+
+
+# -- the concurrent check, as the scenarios make it --------------------------------
+
+
+class BurstPlan(NamedTuple):
+    """Bursts of concurrent connections that reject random dispatch: how many, how big, how tolerant."""
+
+    workers: int
+    per_worker: int
+    #: Most minus fewest allowed within one burst.
+    tolerance: int
+    #: Bursts that may exceed the tolerance (a worker stalled past ``skip_after`` during one).
+    allowed_failures: int
+    rounds: int
+    #: Exact chance that uniform random dispatch passes the whole plan: at most the beta asked for.
+    random_pass: float
+
+    @property
+    def size(self) -> int:
+        """Connections per burst."""
+        return self.per_worker * self.workers
+
+
+def burst_plan(k: int, per_worker: int = 8, tolerance: int = 2, allowed_failures: int = 1,
+               beta: float = DEFAULT_BETA) -> BurstPlan:
+    """The fewest bursts of ``per_worker * k`` concurrent connections after which random dispatch passes <= beta.
+
+    12, 5 and 4 bursts for 2, 3 and 4 workers at the defaults.  Raises
+    ValueError for fewer than 2 workers: one worker has nothing to balance.
+    """
+    if k < 2:
+        raise ValueError(f"a burst check needs at least 2 workers, got {k}")
+    per_round = random_pass_probability(per_worker * k, k, tolerance)
+    rounds = rounds_needed(per_round, beta, allowed_failures)
+    return BurstPlan(k, per_worker, tolerance, allowed_failures, rounds,
+                     rounds_pass_probability(per_round, rounds, allowed_failures))
+
+
+def failed_bursts(bursts: Sequence[Sequence[int]], tolerance: int) -> List[int]:
+    """Indexes of the bursts (each a list of per-worker counts, zeros included) whose spread exceeds ``tolerance``."""
+    return [i for i, counts in enumerate(bursts) if max(counts) - min(counts) > tolerance]
+
+
+def bursts_pass(bursts: Sequence[Sequence[int]], plan: BurstPlan) -> bool:
+    """The concurrent check: every burst within the plan's tolerance but at most ``allowed_failures``."""
+    return len(failed_bursts(bursts, plan.tolerance)) <= plan.allowed_failures

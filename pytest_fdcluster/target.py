@@ -16,7 +16,8 @@ sessions it still watches once pytest's end of its pipe closes.
 A stop is also judged: a master that had to be SIGKILLed after the grace
 period, or that exited non-zero after our SIGTERM, did not stop gracefully
 (``StopResult.graceful_failure``); that is logged as a warning on the
-``fdcluster.target`` logger.
+``fdcluster.target`` logger.  The stop procedure and ``StopResult`` live in
+``stopping``; both are importable from here.
 
 No pytest import: usable from scripts, fixtures and scenario workers alike.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -42,11 +42,14 @@ from fdcluster_server.signals import parent_death_preexec
 
 from . import proctree
 from .guard_client import link as guard_link
-from .polling import POLL_INTERVAL
-from .readiness import TargetStartupError, await_ready, parse_ready_line, port_refuses
+from .readiness import TargetStartupError, await_ready, parse_ready_line
+from .stopping import GRACEFUL_SIGKILLED, GRACEFUL_SIGNAL, GRACEFUL_STATUS, StopResult, stop_session
 from .text import shell_join
 
 __all__ = [
+    "GRACEFUL_SIGKILLED",
+    "GRACEFUL_SIGNAL",
+    "GRACEFUL_STATUS",
     "RunningTarget",
     "StopResult",
     "TargetSpec",
@@ -55,12 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fdcluster.target")
-
-#: ``StopResult.graceful_failure`` texts; tests match them.
-GRACEFUL_SIGKILLED = ("graceful stop: master pid {pid} did not exit within the {grace:g} s grace period "
-                      "after SIGTERM and was SIGKILLed")
-GRACEFUL_STATUS = "graceful stop: master pid {pid} exited with status {status} after SIGTERM"
-GRACEFUL_SIGNAL = "graceful stop: master pid {pid} was killed by {signal} after SIGTERM"
 
 PLACEHOLDERS = ("{port}", "{workers}", "{host}")
 
@@ -131,73 +128,6 @@ class TargetSpec:
                 arg = arg.replace(name, value)
             argv.append(arg)
         return argv
-
-
-@dataclass(frozen=True)
-class StopResult:
-    """What ``RunningTarget.stop`` found and did."""
-
-    #: The master's exit status (negative: killed by that signal); None if it could not be reaped.
-    returncode: Optional[int]
-    #: The master had already exited when ``stop`` was called.
-    exited_before_stop: bool
-    #: The master ignored SIGTERM for the whole grace period and was SIGKILLed.
-    master_killed: bool
-    #: Other processes of the session still alive once the master was gone, SIGKILLed.
-    survivors_killed: Tuple[int, ...]
-    #: Processes still alive when the bounded wait ran out; empty unless something is badly stuck.
-    remaining: Tuple[int, ...]
-    #: A connect() to the target's port was refused (True if the target never became ready,
-    #: since the port is then not known to be the target's).
-    port_released: bool
-    #: Wall-clock time ``stop`` took.
-    seconds: float
-    master_pid: Optional[int] = None
-    #: The grace period the master had between SIGTERM and SIGKILL.
-    grace: float = 0.0
-    #: ``stop`` sent SIGTERM to a live master and gave it a grace period (> 0): its exit is judged.
-    sigterm_sent: bool = False
-    #: Signals the test itself sent to the master (``Cluster.kill_master``); its exit is then not judged.
-    signalled_by_test: Tuple[str, ...] = ()
-
-    @property
-    def needed_sigkill(self) -> bool:
-        """Whether anything had to be SIGKILLed."""
-        return self.master_killed or bool(self.survivors_killed)
-
-    @property
-    def nothing_left(self) -> bool:
-        """No process and no listener left behind."""
-        return not self.remaining and self.port_released
-
-    @property
-    def graceful_failure(self) -> Optional[str]:
-        """Why the master did not stop gracefully on our SIGTERM, or None when it did (or was not asked to).
-
-        Not judged: a master that had exited before ``stop``, one the test
-        signalled itself, a stop with no grace period.
-        """
-        if not self.sigterm_sent or self.signalled_by_test:
-            return None
-        if self.master_killed:
-            return GRACEFUL_SIGKILLED.format(pid=self.master_pid, grace=self.grace)
-        if self.returncode is None or self.returncode == 0:
-            return None  # None: not reaped, reported as a process left behind
-        if self.returncode < 0:
-            return GRACEFUL_SIGNAL.format(pid=self.master_pid, signal=_signal_name(-self.returncode))
-        return GRACEFUL_STATUS.format(pid=self.master_pid, status=self.returncode)
-
-    @property
-    def clean(self) -> bool:
-        """Nothing left behind, and the master stopped gracefully (see ``graceful_failure``)."""
-        return self.nothing_left and self.graceful_failure is None
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 # -- small helpers -------------------------------------------------------------
@@ -378,59 +308,19 @@ class RunningTarget:
             if self._stop_result is not None:
                 return self._stop_result
             started = time.monotonic()
-            grace = self.spec.grace if grace is None else grace
             # Taken now: once the master is gone its children are reparented and untraceable.
             snapshot = self.descendants()
-            exited_before = self.process.poll() is not None
-            master_killed = False
-            sigterm_sent = not exited_before and grace > 0
-            if not exited_before:
-                try:
-                    self.process.send_signal(signal.SIGTERM)
-                except OSError:
-                    pass
-                try:
-                    self.process.wait(grace)
-                except subprocess.TimeoutExpired:
-                    master_killed = True
-            hit = proctree.kill_session(self.sid, snapshot)
-            survivors = tuple(pid for pid in hit if pid != self.master_pid)
-            try:
-                returncode: Optional[int] = self.process.wait(SETTLE_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                returncode = None
-
-            # A target that never got ready may have lost its port to someone else.
-            address = self.known_address() if self._ready else None
-            settle_deadline = time.monotonic() + SETTLE_TIMEOUT
-            while True:
-                remaining = set(proctree.session_pids([self.sid]))
-                remaining.update(proc.pid for proc in snapshot if proctree.is_live(proc))
-                if self.process.poll() is None:
-                    remaining.add(self.master_pid)
-                port_released = address is None or port_refuses(*address)
-                if (not remaining and port_released) or time.monotonic() > settle_deadline:
-                    break
-                # Something forked or lingered after the first volley: kill again.
-                proctree.kill_session(self.sid, snapshot)
-                time.sleep(POLL_INTERVAL)
-
-            if not remaining:
-                guard_link.forget(self.sid)
-            for thread in self._readers:
-                thread.join(1.0)
-            self._stop_result = StopResult(
-                returncode=returncode,
-                exited_before_stop=exited_before,
-                master_killed=master_killed,
-                survivors_killed=survivors,
-                remaining=tuple(sorted(remaining)),
-                port_released=port_released,
-                seconds=time.monotonic() - started,
-                master_pid=self.master_pid,
-                grace=grace,
-                sigterm_sent=sigterm_sent,
-                signalled_by_test=tuple(self.signalled_by_test),
+            self._stop_result = stop_session(
+                self.process,
+                self.sid,
+                self.spec.grace if grace is None else grace,
+                snapshot=snapshot,
+                # A target that never got ready may have lost its port to someone else.
+                address=self.known_address() if self._ready else None,
+                readers=self._readers,
+                signalled_by_test=self.signalled_by_test,
+                settle_timeout=SETTLE_TIMEOUT,  # read at each stop: a test may lower it
+                started=started,
             )
             failure = self._stop_result.graceful_failure
             if failure:

@@ -80,8 +80,10 @@ def test_standard_suite_runs_from_the_wheel_in_a_fresh_venv(wheel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PYTEST_")}
     server = f"{python} -m fdcluster_server --port {{port}} --workers {{workers}} --log-level warning"
     result = subprocess.run(
+        # As a user with their own server: the command, and what it has (the server's default idle timeout).
         [str(python), "-m", "pytest", "-p", "fdcluster", "--pyargs", "pytest_fdcluster.scenarios",
-         "--fdcluster-server", server, "-q", "-p", "no:cacheprovider", "-W", "error::pytest.PytestConfigWarning"],
+         "--fdcluster-server", server, "--fdcluster-declare", "idle_timeout=10",
+         "-q", "-p", "no:cacheprovider", "-W", "error::pytest.PytestConfigWarning"],
         cwd=empty, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
     tail = result.stdout[-3000:] + result.stderr[-2000:]

@@ -20,6 +20,7 @@ import time
 from typing import Callable, Optional, Tuple
 
 from .dispatch import Dispatcher
+from .ratelimit import RateLimit
 
 log = logging.getLogger("fdcluster.master")
 
@@ -27,7 +28,6 @@ ACCEPT_BATCH = 128  # accepts per wake-up, so a storm cannot starve the channels
 OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 PAUSE_MIN = 0.05  # the first pause after accept() ran out of resources; doubles while it keeps failing
 PAUSE_MAX = 0.5
-LOG_INTERVAL = 1.0
 _READ = selectors.EVENT_READ
 
 
@@ -40,19 +40,16 @@ class AcceptBackoff:
         self.clock = clock
         self.delay = PAUSE_MIN
         self.resume_at: Optional[float] = None  # set while paused
-        self.failures = 0  # since the last log line
-        self.logged_at = -LOG_INTERVAL
+        self.log_limit = RateLimit()
 
     def failed(self, exc: OSError) -> None:
         """accept() failed for want of resources: pause, growing the next pause; log once a second."""
         now = self.clock()
         self.resume_at = now + self.delay
-        self.failures += 1
-        if now - self.logged_at >= LOG_INTERVAL:
+        skipped = self.log_limit.admit(now)
+        if skipped is not None:
             self.log.error("%s: cannot accept: %s (%d times since the last report); pausing accepts %.2f s",
-                           self.who, exc.strerror or exc, self.failures, self.delay)
-            self.logged_at = now
-            self.failures = 0
+                           self.who, exc.strerror or exc, skipped + 1, self.delay)
         self.delay = min(PAUSE_MAX, self.delay * 2)
 
     def succeeded(self) -> None:

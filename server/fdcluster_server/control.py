@@ -2,9 +2,10 @@
 
 A Unix socket answering ``stats``, ``workers`` and ``ping``; by default the
 abstract ``@fdcluster-PID-<16 random hex digits>`` on Linux.  This module owns
-the socket, its clients, their bounded buffers and the stats queries in
-flight; the master is reached only through ``ControlSource``, and tells this
-side when a worker answered (``collect_counters``) or died (``worker_lost``).
+the socket, its clients (each a ``control_client.ControlClient``), the
+bounds on their buffers and the stats queries in flight; the master is
+reached only through ``ControlSource``, and tells this side when a worker
+answered (``collect_counters``) or died (``worker_lost``).
 
 Security: only a peer with the master's own uid (``SO_PEERCRED``) is served;
 any other is closed at once and logged with its pid and uid.  Abstract names
@@ -14,7 +15,8 @@ socket file (``--control PATH``) is created with mode 0600.
 
 Nothing a client does can stop the master: an exception from its frames
 closes that client alone, and the limits below bound what each may cost.
-Replies leave in request order through a non-blocking buffer.
+Replies leave in request order through a non-blocking buffer; repeated log
+lines are rate-limited (``ratelimit``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import struct
 import sys
 import tempfile
 import time
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Protocol, Set, Union
+from typing import Any, Dict, List, Optional, Protocol, Set
 
 from . import protocol
+from .control_client import ControlClient, StatsQuery, last_words
+from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("fdcluster.master")
 
@@ -44,7 +47,6 @@ MAX_CLIENTS = 32  # control clients at once; more are sent an error and closed
 IDLE_TIMEOUT = 10.0  # a client that neither sends nor takes a byte for this long is closed
 ACCEPT_BATCH = 16  # accepts per wake-up
 ACCEPT_PAUSE = (0.05, 2.0)  # out of descriptors: the first pause, and the longest as it doubles
-LOG_INTERVAL = 1.0  # at most one line per kind of repeated event in this many seconds
 READ_SIZE = 16 * 1024  # one read per wake-up and client, so one client's flood costs each turn little
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -72,55 +74,6 @@ class ControlSocketError(Exception):
     """The control socket cannot be opened; the message is the one line to log."""
 
 
-class RateLimitedLog:
-    """One log line per ``LOG_INTERVAL`` for a repeated event; the ones in between are counted."""
-
-    def __init__(self, level: int) -> None:
-        self.level, self.next_at, self.suppressed = level, 0.0, 0
-
-    def __call__(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return  # logged less than LOG_INTERVAL ago: counted in the next line
-        if self.suppressed:
-            message += f" ({self.suppressed} more since the last such line)"
-        log.log(self.level, message, *args)
-        self.next_at, self.suppressed = now + LOG_INTERVAL, 0
-
-
-class ControlClient:
-    """One connection to the control socket."""
-
-    __slots__ = ("sock", "peer", "decoder", "out", "behind", "held", "queries", "reading", "closing", "closed",
-                 "events", "active")
-
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        self.sock = sock
-        self.peer = peer  # "pid N uid N", for log lines
-        self.decoder = protocol.FrameDecoder(MAX_REQUEST)
-        self.out = bytearray()  # replies its socket has not taken yet
-        self.behind: Deque[Union[bytes, StatsQuery]] = deque()  # replies waiting behind a stats query, in order
-        self.held = 0  # bytes of the frames in ``behind``
-        self.queries = 0  # stats queries still waiting for workers
-        self.reading = True  # False after its EOF
-        self.closing = False  # close once ``out`` is sent (after a fatal frame)
-        self.closed = False
-        self.events = 0  # what it is registered for with the selector
-        self.active = time.monotonic()  # when it last sent or took a byte
-
-
-class StatsQuery:
-    """A control client's stats request, waiting for every live worker's counters."""
-
-    def __init__(self, client: ControlClient, waiting: Set[int], deadline: float) -> None:
-        self.client = client
-        self.waiting = waiting
-        self.deadline = deadline
-        self.counters: Dict[int, Dict[str, Any]] = {}
-        self.reply: Optional[bytes] = None  # once answered, until the replies before it are sent
-
-
 def default_address(pid: int) -> str:
     """A fresh control address for master ``pid`` when ``--control`` is not given.
 
@@ -130,14 +83,6 @@ def default_address(pid: int) -> str:
     if sys.platform.startswith("linux"):
         return f"@fdcluster-{pid}-{secrets.token_hex(8)}"
     return os.path.join(tempfile.mkdtemp(prefix=f"fdcluster-{pid}-"), "control.sock")
-
-
-def last_words(sock: socket.socket, data: Union[bytes, bytearray]) -> None:
-    """One non-blocking try to send ``data`` before ``sock`` is closed; what does not fit is lost."""
-    try:
-        sock.send(data)
-    except OSError:
-        pass  # it will see the close instead
 
 
 class ControlServer:
@@ -155,9 +100,9 @@ class ControlServer:
         self._accepting = False
         self._accept_resume: Optional[float] = None  # when a paused accept resumes
         self._accept_pause = ACCEPT_PAUSE[0]
-        self._log_accept_error = RateLimitedLog(logging.ERROR)
-        self._log_refused = RateLimitedLog(logging.WARNING)
-        self._log_client = RateLimitedLog(logging.WARNING)
+        self._log_accept_error = RateLimitedLog(log, logging.ERROR)
+        self._log_refused = RateLimitedLog(log, logging.WARNING)
+        self._log_client = RateLimitedLog(log, logging.WARNING)
 
     def open(self, address: Optional[str], pid: int) -> None:
         """Listen on ``address`` (None: a fresh default for ``pid``; "": disabled).
@@ -259,7 +204,7 @@ class ControlServer:
             self._log_client("master %d: refused control client %s: %d clients already", os.getpid(), peer,
                              MAX_CLIENTS)
             return
-        client = ControlClient(sock, peer)
+        client = ControlClient(sock, peer, MAX_REQUEST)
         self.clients.add(client)
         self._update_events(client)
 
@@ -341,22 +286,13 @@ class ControlServer:
         """Queue ``frame`` for ``client`` after every earlier reply; send what its socket takes now, never blocking."""
         if client.closed:
             return  # gone while its query waited
-        client.behind.append(frame)
-        client.held += len(frame)
+        client.queue(frame)
         self._deliver(client)
 
     def _deliver(self, client: ControlClient) -> None:
         """Move the replies that are ready, in request order, to the output; close a client that reads too little."""
-        behind, queued = client.behind, bool(client.out)
-        while behind:
-            head = behind[0]
-            frame = head.reply if isinstance(head, StatsQuery) else head
-            if frame is None:
-                break  # a stats query still waits: the replies after it wait too
-            behind.popleft()
-            if not isinstance(head, StatsQuery):
-                client.held -= len(frame)
-            client.out += frame
+        queued = bool(client.out)
+        client.take_ready()
         if not queued:
             self.flush(client)  # nothing was waiting: try at once, no extra wake-up
         if client.closed:

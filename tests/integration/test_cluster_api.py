@@ -21,7 +21,8 @@ from typing import Dict, List
 import psutil
 import pytest
 
-from pytest_fdcluster import ClusterError, ObservationError, ObservationSkipped, process_alive, wait_until
+from fdcluster_server import protocol
+from pytest_fdcluster import ClusterError, ObservationError, ObservationSkipped, faults, process_alive, wait_until
 from pytest_fdcluster.observe import BLIND_FAILED, BLIND_OPTION
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,12 @@ class TestKillWorker:
         assert not process_alive(victim), f"worker pid {victim} still runs after kill_worker returned"
         assert victim not in fdcluster.workers and len(fdcluster.workers) == 1
 
+    @pytest.mark.fdcluster(server=stubborn("--drain", "0.5"), workers=2)
+    def test_without_waiting_a_draining_worker_is_no_longer_listed(self, fdcluster):
+        victim = fdcluster.kill_worker(0, signal.SIGTERM, wait=False)
+        assert process_alive(victim), "the worker should still be draining right after SIGTERM"
+        assert victim not in fdcluster.workers and len(fdcluster.workers) == 1
+
     @pytest.mark.fdcluster(server=stubborn(), workers=1)
     def test_a_worker_that_survives_the_signal_is_named(self, fdcluster):
         (survivor,) = fdcluster.workers
@@ -119,6 +126,20 @@ class TestResume:
         os.kill(paused, signal.SIGKILL)
         wait_until(lambda: not process_alive(paused), DEADLINE, lambda: f"pid {paused} to die")
         assert fdcluster.resume_worker() == []
+
+
+class TestClient:
+    @pytest.mark.fdcluster(workers=1)
+    def test_a_fault_on_its_client_is_recorded_in_the_clusters_events(self, fdcluster):
+        frame = protocol.request("ping", "split")
+        with fdcluster.client() as client:
+            assert client.cluster is fdcluster, "Cluster.client() names its cluster on the client"
+            faults.send_in_pieces(client, frame, 3)  # no cluster=: the client's own is where it is recorded
+            reply = client.recv_frame()
+        assert reply == {"out": "pong", "result": "split"}, f"the split ping was answered: {reply!r}"
+        recorded = [what for _, what in fdcluster.events]
+        assert any(what.startswith("send_in_pieces ") for what in recorded), \
+            f"send_in_pieces on fdcluster.client() recorded in {fdcluster.name}'s events: {recorded}"
 
 
 #: Run as nobody: observe the cluster whose master pid is argv[1] and report what each judgement did.

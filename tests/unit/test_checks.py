@@ -22,7 +22,9 @@ from pytest_fdcluster.checks import (
     FD_LEAK_FAILED,
     FEWEST_MARK,
     MASTER_HOLDS_CLIENTS,
+    PSEUDO_BUCKETS,
     ROUND_ROBIN_FAILED,
+    CheckFailed,
     FairnessError,
     FdHygieneError,
     FdLeakError,
@@ -114,7 +116,7 @@ class TestChiSquare:
 
 class TestFairness:
     def test_even_distribution(self):
-        stats = fairness({"a": 5, "b": 5, "c": 5})
+        stats = fairness({"worker 0": 5, "worker 1": 5, "worker 2": 5})
         assert (stats.total, stats.spread, stats.max_min_ratio) == (15, 0, 1.0)
         assert stats.jain == pytest.approx(1.0)
         assert stats.chi_square == 0.0
@@ -129,13 +131,13 @@ class TestFairness:
         assert stats.p_value == pytest.approx(math.exp(-3.7))
 
     def test_all_on_one_worker_has_jain_one_over_n(self):
-        assert fairness({"a": 9, "b": 0, "c": 0, "d": 0}).jain == pytest.approx(0.25)
+        assert fairness({"worker 0": 9, "worker 1": 0, "worker 2": 0, "worker 3": 0}).jain == pytest.approx(0.25)
 
     def test_ratio_without_zero(self):
-        assert fairness({"a": 6, "b": 3}).max_min_ratio == 2.0
+        assert fairness({"worker 0": 6, "worker 1": 3}).max_min_ratio == 2.0
 
     def test_no_work_is_fair(self):
-        stats = fairness({"a": 0, "b": 0})
+        stats = fairness({"worker 0": 0, "worker 1": 0})
         assert (stats.total, stats.spread, stats.jain, stats.max_min_ratio, stats.p_value) == (0, 0, 1.0, 1.0, 1.0)
 
     def test_single_worker(self):
@@ -148,13 +150,13 @@ class TestFairness:
 
     def test_negative_count_is_an_error(self):
         with pytest.raises(ValueError, match="negative"):
-            fairness({"a": 1, "b": -1})
+            fairness({"worker 0": 1, "worker 1": -1})
 
     def test_counts_are_copied(self):
-        counts = {"a": 1}
+        counts = {"worker 0": 1}
         stats = fairness(counts)
         counts["a"] = 5
-        assert stats.counts == {"a": 1}
+        assert stats.counts == {"worker 0": 1}
 
     def test_stats_line(self):
         assert str(fairness(UNEVEN)) == (
@@ -202,7 +204,7 @@ class TestFormatDistribution:
 
 class TestRoundRobin:
     def test_within_tolerance_returns_stats(self):
-        stats = assert_round_robin({"a": 4, "b": 3, "c": 3})
+        stats = assert_round_robin({"worker 0": 4, "worker 1": 3, "worker 2": 3})
         assert stats.spread == 1
 
     def test_failure_message(self):
@@ -221,10 +223,10 @@ class TestRoundRobin:
 
     def test_zero_tolerance(self):
         with pytest.raises(FairnessError, match="spread 1 exceeds 0"):
-            assert_round_robin({"a": 4, "b": 3}, tolerance=0)
+            assert_round_robin({"worker 0": 4, "worker 1": 3}, tolerance=0)
 
     def test_wider_tolerance(self):
-        assert assert_round_robin({"a": 5, "b": 2}, tolerance=3).spread == 3
+        assert assert_round_robin({"worker 0": 5, "worker 1": 2}, tolerance=3).spread == 3
 
     def test_error_is_an_assertion_error_with_the_figures(self):
         with pytest.raises(AssertionError) as info:
@@ -235,7 +237,7 @@ class TestRoundRobin:
 
     def test_negative_tolerance_is_an_error(self):
         with pytest.raises(ValueError):
-            assert_round_robin({"a": 1}, tolerance=-1)
+            assert_round_robin({"worker 0": 1}, tolerance=-1)
 
 
 class TestAssertFair:
@@ -246,7 +248,7 @@ class TestAssertFair:
 
     def test_ratio_threshold(self):
         with pytest.raises(FairnessError, match=r"^fairness: max/min ratio 2\.5 above 2\.0\n"):
-            assert_fair({"a": 10, "b": 4}, max_ratio=2.0)
+            assert_fair({"worker 0": 10, "worker 1": 4}, max_ratio=2.0)
 
     def test_infinite_ratio(self):
         with pytest.raises(FairnessError, match="max/min ratio inf above 3"):
@@ -279,12 +281,50 @@ class TestAssertFair:
         assert text.endswith(str(fairness(UNEVEN)))
 
     def test_fair_enough_returns_stats(self):
-        stats = assert_fair({"a": 48, "b": 52, "c": 50}, min_jain=0.99, max_ratio=1.2, min_p_value=0.05)
+        stats = assert_fair({"worker 0": 48, "worker 1": 52, "worker 2": 50},
+                            min_jain=0.99, max_ratio=1.2, min_p_value=0.05)
         assert stats.total == 150
 
     def test_needs_a_threshold(self):
         with pytest.raises(ValueError, match="at least one"):
             assert_fair(UNEVEN)
+
+
+class TestPseudoBuckets:
+    """Only workers are buckets: a connection held by the master or by nobody is another invariant's failure."""
+
+    EXPECTED = (f"{FAIRNESS_FAILED}: 3 connections were counted for master and 1 for unowned; only workers may be "
+                "buckets \u2014 a connection held by the master or by nobody is an 'exactly one holder' failure, "
+                "not a fairness figure")
+
+    @pytest.mark.parametrize("check", [
+        fairness, assert_round_robin, lambda counts: assert_fair(counts, min_jain=0.5),
+    ], ids=["fairness", "assert_round_robin", "assert_fair"])
+    def test_master_and_unowned_are_refused_with_the_reason(self, check):
+        with pytest.raises(CheckFailed) as info:
+            check({"worker 0": 4, "worker 1": 4, "master": 3, "unowned": 1})
+        assert str(info.value) == self.EXPECTED
+        assert info.value.invariant == FAIRNESS_FAILED and isinstance(info.value, AssertionError)
+
+    @pytest.mark.parametrize("label", ["master", "unowned", "a", "w1", "worker", "worker x", "Worker 1", "worker 1 "])
+    def test_anything_but_a_worker_label_is_refused(self, label):
+        with pytest.raises(CheckFailed, match=f"^{FAIRNESS_FAILED}: 1 connection was counted for {label}; only"):
+            fairness({"worker 0": 2, label: 1})
+
+    def test_a_zero_count_is_refused_too(self):
+        # A master bucket of 0 would still count as a worker that got nothing: every figure would be wrong.
+        with pytest.raises(CheckFailed, match="0 connections were counted for master"):
+            assert_round_robin({"worker 0": 2, "worker 1": 2, "master": 0})
+
+    def test_worker_indexes_and_worker_pids_are_buckets(self):
+        assert fairness({"worker 0": 2, "worker 12": 2, "worker pid 4242": 2}).spread == 0
+
+    def test_the_message_template_is_exported(self):
+        assert PSEUDO_BUCKETS.format(counted="X").startswith(f"{FAIRNESS_FAILED}: X; only workers may be buckets")
+
+    def test_fairness_helpers_hide_their_frames(self):
+        for helper in (fairness, assert_round_robin, assert_fair, checks._refuse_pseudo_buckets):
+            assert "__tracebackhide__" in helper.__code__.co_varnames, helper.__name__
 
 
 class TestFdLeak:

@@ -8,7 +8,19 @@ import time
 import pytest
 
 from pytest_fdcluster import hostile
-from pytest_fdcluster.hostile import CLOSED, FATAL, NO_REPLY, OPEN, RECOVERABLE, RESET, TIMEOUT, Observed, judge
+from pytest_fdcluster.hostile import (
+    CLOSED,
+    EITHER,
+    FATAL,
+    NO_REPLY,
+    OPEN,
+    RECOVERABLE,
+    RESET,
+    TIMEOUT,
+    HostileCase,
+    Observed,
+    judge,
+)
 
 ONE_MIB = 1 << 20
 ERROR = {"out": "error", "result": "malformed JSON"}
@@ -84,8 +96,10 @@ class TestFuzzCorpus:
     def test_replay_hint_is_one_line_with_seed_and_case(self):
         case = hostile.fuzz_case(42, 7)
         hint = hostile.replay_hint(42, case.case_id)
-        assert "\n" not in hint and "--fdcluster-seed 42" in hint and case.case_id in hint
+        assert "\n" not in hint and f"{hostile.SEED_VARIABLE}=42" in hint and case.case_id in hint
         assert "fuzz_case(42, 7)" in hint
+        named = hostile.replay_hint(42, "deep-nesting/1")
+        assert "deep-nesting/1" in named and "named_cases()" in named and "fuzz_case" not in named
 
 
 class TestJudge:
@@ -103,8 +117,8 @@ class TestJudge:
     @pytest.mark.parametrize("observed, words", [
         (Observed(NO_REPLY, CLOSED), "no reply, and the connection was closed"),
         (Observed(NO_REPLY, TIMEOUT), "neither answered nor closed"),
-        (Observed(ERROR, CLOSED), "an error frame, then the connection was closed"),
-        (Observed(ERROR, OPEN, usable=False), "no answer to a ping"),
+        (Observed(ERROR, CLOSED), "'out': 'error', 'result': 'malformed JSON'}, then the connection was closed"),
+        (Observed(ERROR, OPEN, usable=False), "then no answer to a ping"),
         (Observed({"out": "pong", "result": None}, OPEN, usable=True), "not an error frame"),
         (Observed(b"garbage", OPEN), "unparseable reply"),
         (Observed(ERROR, OPEN, usable=True, died=("worker 1 pid 42",)), "death of worker 1 pid 42"),
@@ -129,3 +143,48 @@ class TestJudge:
         message = judge("oversized-length/2", FATAL, observed)
         assert message is not None and message.startswith("hostile input: case oversized-length/2: expected at most")
         assert words in message
+
+
+class TestDuplicateKeys:
+    """``{"in":"ping","in":"x"}``: a first-wins parser answers pong, a last-wins one an error; both are correct."""
+
+    def test_only_the_ping_case_is_ambiguous(self):
+        cases = {c.frame[4:]: c.expected for c in hostile.named_cases() if c.case_id.startswith("duplicate-keys/")}
+        assert cases[b'{"in":"ping","in":"x"}'] == EITHER
+        assert set(cases.values()) == {EITHER, RECOVERABLE}
+        assert all(b'"ping"' not in body for body, expected in cases.items() if expected == RECOVERABLE)
+
+    @pytest.mark.parametrize("reply", [ERROR, {"out": "pong", "result": None}])
+    def test_first_wins_and_last_wins_both_pass(self, reply):
+        assert judge("duplicate-keys/0", EITHER, Observed(reply, OPEN, usable=True)) is None
+
+    @pytest.mark.parametrize("observed, words", [
+        (Observed(b"\xff", OPEN, usable=True), "neither an error frame nor an answer"),
+        (Observed([1], OPEN, usable=True), "neither an error frame nor an answer"),
+        (Observed(NO_REPLY, CLOSED), "no reply, and the connection was closed"),
+        (Observed({"out": "pong"}, OPEN, usable=False), "then no answer to a ping"),
+        (Observed({"out": "pong"}, OPEN, usable=True, died=("worker 0 pid 9",)), "death of worker 0 pid 9"),
+    ])
+    def test_garbage_a_close_or_a_death_fail(self, observed, words):
+        message = judge("duplicate-keys/0", EITHER, observed)
+        assert message is not None and message.startswith("hostile input: case duplicate-keys/0: expected an error")
+        assert words in message
+
+
+class TestAgainstLimit:
+    def test_the_reference_limit_changes_nothing(self):
+        for case in hostile.named_cases():
+            assert hostile.against_limit(case, ONE_MIB) == case, case.case_id
+
+    def test_a_smaller_limit_makes_big_complete_frames_fatal(self):
+        deep = next(c for c in hostile.named_cases() if c.case_id == "deep-nesting/1")  # 200,000 bytes
+        assert hostile.against_limit(deep, 1000).expected == FATAL
+        small = next(c for c in hostile.named_cases() if c.case_id == "empty-body/0")
+        assert hostile.against_limit(small, 1000) == small
+
+    def test_a_larger_limit_drops_prefixes_that_are_only_incomplete_there(self):
+        oversized = [c for c in hostile.named_cases() if c.case_id.startswith("oversized-length/")]
+        kept = [hostile.against_limit(c, 16 * ONE_MIB) for c in oversized]
+        assert [c.case_id for c in kept if c is not None] == ["oversized-length/1", "oversized-length/2"]
+        lying = HostileCase("lying", struct.pack("<I", 10) + b"{", FATAL, half_close=True)
+        assert hostile.against_limit(lying, 16 * ONE_MIB) == lying  # EOF in mid-frame is fatal under any limit

@@ -243,15 +243,40 @@ class ReferenceRoundRobin:
         return [self.owners[i] for i in range(first, self.served)]
 
 
+def plan(k: int) -> stats.BurstPlan:
+    """The plan scenarios/test_load_balance.py makes at run time."""
+    return stats.burst_plan(k, BURST_PER_WORKER, BURST_TOLERANCE, BURST_ALLOWED_FAILURES)
+
+
 def bursts_pass(rounds: Sequence[Sequence[int]], k: int) -> bool:
-    """The proposed concurrent check: spread <= BURST_TOLERANCE in all bursts but BURST_ALLOWED_FAILURES."""
-    failed = sum(spread(per_worker(owners, k)) > BURST_TOLERANCE for owners in rounds)
-    return failed <= BURST_ALLOWED_FAILURES
+    """The scenario's concurrent check on the owners of each burst: ``stats.bursts_pass`` of the plan."""
+    return stats.bursts_pass([per_worker(owners, k) for owners in rounds], plan(k))
 
 
 def burst_rounds(k: int) -> int:
-    per_round = stats.random_pass_probability(BURST_PER_WORKER * k, k, BURST_TOLERANCE)
-    return stats.rounds_needed(per_round, allowed_failures=BURST_ALLOWED_FAILURES)
+    return plan(k).rounds
+
+
+def skew_flagged(rounds: Sequence[Sequence[int]], k: int, alpha: float = stats.DEFAULT_ALPHA) -> bool:
+    """The scenario's skew check: requests per worker (4 per connection) over all bursts, chi-square at alpha."""
+    connections = per_worker([owner for owners in rounds for owner in owners], k)
+    return stats.chi_square_uniform([4 * c for c in connections], per_unit=4).p_value < alpha
+
+
+class TestBurstPlan:
+    def test_the_figures_the_scenarios_state(self):
+        assert [(plan(k).rounds, plan(k).size) for k in (2, 3, 4)] == [(12, 16), (5, 24), (4, 32)]
+        assert [round(plan(k).random_pass, 4) for k in (2, 3, 4)] == [0.0076, 0.0084, 0.0026]
+        assert all(plan(k).random_pass <= stats.DEFAULT_BETA for k in range(2, 9))
+
+    def test_failed_bursts(self):
+        assert stats.failed_bursts([[8, 8], [5, 11], [7, 9], [0, 16]], 2) == [1, 3]
+        assert stats.bursts_pass([[8, 8], [5, 11], [7, 9]], plan(2))
+        assert not stats.bursts_pass([[8, 8], [5, 11], [0, 16]], plan(2))
+
+    def test_one_worker_has_nothing_to_balance(self):
+        with pytest.raises(ValueError, match="at least 2 workers"):
+            stats.burst_plan(1)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -275,6 +300,25 @@ class TestSimulatedDispatchers:
         )
         assert passed <= (1 - MIN_REJECTION) * TRIALS, f"random dispatch passed {passed} of {TRIALS}"
 
+    def test_a_sticky_dispatcher_fails_the_concurrent_checks(self, k):
+        """One worker gets twice the share of each other: the burst check and the skew check reject it >= 99%."""
+        rng = random.Random(4000 + k)
+        weights = [2] + [1] * (k - 1)
+        rounds, size = burst_rounds(k), BURST_PER_WORKER * k
+        passed = 0
+        for _ in range(TRIALS):
+            owners = [rng.choices(range(k), weights, k=size) for _ in range(rounds)]
+            passed += bursts_pass(owners, k) and not skew_flagged(owners, k)
+        assert passed <= 0.01 * TRIALS, f"a sticky dispatcher passed {passed} of {TRIALS}"
+
+    def test_a_fair_random_dispatcher_is_rarely_flagged_as_skewed(self, k):
+        """The skew check alone at alpha 0.001: a dispatcher fair on average is flagged about 0.1% of the time."""
+        rng = random.Random(5000 + k)
+        rounds, size = burst_rounds(k), BURST_PER_WORKER * k
+        flagged = sum(skew_flagged([[rng.randrange(k) for _ in range(size)] for _ in range(rounds)], k)
+                      for _ in range(TRIALS))
+        assert flagged <= 0.005 * TRIALS, f"flagged {flagged} of {TRIALS}"
+
     def test_reference_round_robin_passes_the_sequential_check(self, k):
         # One at a time: a connection is acknowledged before the next arrives, the window never fills, no skip.
         for trial in range(50):
@@ -290,3 +334,4 @@ class TestSimulatedDispatchers:
             stalled_round = rng.randrange(rounds)
             owners = [sim.burst(size, rng, stall=r == stalled_round, skip=rng.random() < 0.3) for r in range(rounds)]
             assert bursts_pass(owners, k), [Counter(o) for o in owners]
+            assert not skew_flagged(owners, k), [Counter(o) for o in owners]
