@@ -20,7 +20,7 @@ import fcntl
 import json
 
 import pytest
-from mutant_expectations import EXPECTED, MODULES, ROOT, full_run, selection
+from mutant_expectations import EXPECTED, KNOWN_GAPS, MODULES, ROOT, full_run, selection
 from mutant_runs import BASELINE, BROKEN, CAUGHT, NO_OWNER, Outcome, baseline_of, judge, probe, run_suite, timed
 
 ROW_PROPERTY = "mutation_row"
@@ -55,7 +55,9 @@ def test_unbroken_server_passes_every_module(unbroken, record_property):
         f"mutation matrix: the unbroken server (variant none, same launcher) fails: {row['detail']}")
 
 
-@pytest.mark.parametrize("variant", list(EXPECTED))
+@pytest.mark.parametrize("variant", [
+    pytest.param(v, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[v])) if v in KNOWN_GAPS else v
+    for v in EXPECTED])
 def test_suite_catches_variant(variant, unbroken, tmp_path, record_property):
     expectation = EXPECTED[variant]
     if expectation.module not in MODULES:

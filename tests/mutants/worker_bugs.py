@@ -10,6 +10,7 @@ handoff it cannot take, hostile frames) or on plain ones (framing, closing).
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import socket
 import stat
@@ -18,7 +19,6 @@ from mutant_patching import kept, replace, replace_global
 
 from fdcluster_server import master as master_module
 from fdcluster_server import protocol
-from fdcluster_server import worker as worker_module
 from fdcluster_server.worker import Worker
 
 
@@ -119,13 +119,13 @@ def reads_past_high_water() -> None:
 
     def update_interest(self, conn):
         if conn.linger_until is not None:
-            events = worker_module._READ
+            events = selectors.EVENT_READ
         else:
-            events = worker_module._WRITE if conn.out else 0
+            events = selectors.EVENT_WRITE if conn.out else 0
             # the bug: ``len(conn.out) < HIGH_WATER and not conn.decoder.complete`` dropped from the condition
             if not (conn.eof or conn.closing):
                 if self.buffered < self.config.max_output_per_worker:
-                    events |= worker_module._READ
+                    events |= selectors.EVENT_READ
                 else:
                     self.pause(conn)
         if events != conn.events:
