@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Dict
 
 from mutant_expectations import JSON_VARIABLE
 from mutant_table import failing_tests, markdown
 
-_rows = {}
+_rows: Dict[str, Dict[str, Any]] = {}
 
 
 def pytest_runtest_logreport(report):

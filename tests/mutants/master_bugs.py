@@ -115,15 +115,12 @@ def stale_turn_deadline() -> None:
 
 
 def no_accept_backoff() -> None:
-    """EMFILE on accept is logged and counted, but no pause is set: the listener is re-armed at once, and spins."""
+    """EMFILE on accept is logged and the next pause computed, but not applied: the listener is re-armed at once."""
+    original = acceptor.AcceptBackoff.failed
 
     def failed(self, exc):
-        now = self.clock()
-        self.failures += 1  # the bug: ``resume_at`` is never set, so ``paused()`` is always False
-        if now - self.logged_at >= acceptor.LOG_INTERVAL:
-            self.log.error("%s: cannot accept: %s", self.who, exc.strerror or exc)
-            self.logged_at = now
-            self.failures = 0
+        original(self, exc)
+        self.resume_at = None  # the bug: the pause is never set, so ``paused()`` is always False and accept spins
 
     replace(acceptor.AcceptBackoff, "failed", failed)
 

@@ -77,7 +77,8 @@ def probe(variant: str) -> Optional[str]:
         info = json.loads(line.split(" ", 1)[1])
         with socket.create_connection((info["host"], info["port"]), timeout=5) as sock:
             sock.sendall(protocol.request("ping", "probe"))
-            decoder, bodies = protocol.FrameDecoder(), []
+            decoder = protocol.FrameDecoder()
+            bodies: List[bytes] = []
             while not bodies:
                 data = sock.recv(65536)
                 if not data:

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping
 from mutant_expectations import EXPECTED, MODULES
 
 NOT_RUN = "·"
+DETAIL = 240  # characters of a MISSED or BROKEN row's reason shown
 VERDICTS = {"caught": "caught", "missed": "MISSED", "broken": "BROKEN", "baseline": "baseline",
             "owner missing": "owner missing"}
 
@@ -57,5 +58,6 @@ def failing_tests(rows: Mapping[str, Dict[str, Any]], owner_only: bool = False) 
             if outcome["failed"] and (not owner_only or module == row.get("owner")):
                 lines.append(f"- {row['variant']} / {module}: " + ", ".join(outcome["failed"]))
         if row.get("status") in ("missed", "broken") and row.get("detail"):
-            lines.append(f"- {row['variant']}: {row['status'].upper()}: {row['detail']}")
+            detail = row["detail"] if len(row["detail"]) <= DETAIL else row["detail"][:DETAIL] + " ..."
+            lines.append(f"- {row['variant']}: {row['status'].upper()}: {detail}")
     return lines

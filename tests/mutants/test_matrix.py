@@ -28,24 +28,33 @@ ROW_PROPERTY = "mutation_row"
 
 @pytest.fixture(scope="session")
 def unbroken(tmp_path_factory, worker_id):
-    """The outcome of every scenario test against ``none``: run once per session, shared by the xdist workers."""
+    """A call giving every scenario test's outcome against ``none`` and the seconds it took.
+
+    The run happens once per session, on the first call, shared by the xdist
+    workers through a file under a lock; a variant's test calls it after its
+    own run, so a worker waits for the baseline only if it is still running.
+    """
     shared = tmp_path_factory.getbasetemp()
     if worker_id != "master":
         shared = shared.parent  # the root all xdist workers' temporary directories share
     path = shared / "mutants-none.json"
-    with open(shared / "mutants-none.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not path.exists():
-            workdir = shared / "mutants-none"
-            workdir.mkdir(exist_ok=True)
-            outcomes, seconds = timed(run_suite, "none", selection("none", True), workdir)
-            path.write_text(json.dumps({"outcomes": [list(o) for o in outcomes], "seconds": seconds}))
-    data = json.loads(path.read_text())
-    return [Outcome(*o) for o in data["outcomes"]], data["seconds"]
+
+    def outcomes():
+        with open(shared / "mutants-none.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not path.exists():
+                workdir = shared / "mutants-none"
+                workdir.mkdir(exist_ok=True)
+                ran, seconds = timed(run_suite, "none", selection("none", True), workdir)
+                path.write_text(json.dumps({"outcomes": [list(o) for o in ran], "seconds": seconds}))
+        data = json.loads(path.read_text())
+        return [Outcome(*o) for o in data["outcomes"]], data["seconds"]
+
+    return outcomes
 
 
 def test_unbroken_server_passes_every_module(unbroken, record_property):
-    outcomes, seconds = unbroken
+    outcomes, seconds = unbroken()
     row = judge("none", None, outcomes, {})
     row["seconds"] = round(seconds, 1)
     record_property(ROW_PROPERTY, json.dumps(row))
@@ -66,7 +75,7 @@ def test_suite_catches_variant(variant, unbroken, tmp_path, record_property):
         pytest.skip(f"mutation matrix: {variant}'s owner scenarios/{expectation.module}.py is not in this checkout")
     failure, probe_seconds = timed(probe, variant)
     outcomes, seconds = ([], 0.0) if failure else timed(run_suite, variant, selection(variant, full_run()), tmp_path)
-    row = judge(variant, expectation, outcomes, baseline_of(unbroken[0]), failure)
+    row = judge(variant, expectation, outcomes, baseline_of(unbroken()[0]), failure)
     row["seconds"] = round(probe_seconds + seconds, 1)
     record_property(ROW_PROPERTY, json.dumps(row))
     assert row["status"] != BROKEN, f"mutation matrix: {variant} is a BROKEN mutant, not a catch: {row['detail']}"
