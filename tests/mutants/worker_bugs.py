@@ -116,26 +116,18 @@ def dup_fds() -> None:
 
 def reads_past_high_water() -> None:
     """A connection whose answers back up is still read: a client that never reads fills the worker's memory."""
+    original = Worker.update_interest
 
     def update_interest(self, conn):
-        if conn.linger_until is not None:
-            events = selectors.EVENT_READ
-        else:
-            events = selectors.EVENT_WRITE if conn.out else 0
-            # the bug: ``len(conn.out) < HIGH_WATER and not conn.decoder.complete`` dropped from the condition
-            if not (conn.eof or conn.closing):
-                if self.buffered < self.config.max_output_per_worker:
-                    events |= selectors.EVENT_READ
-                else:
-                    self.pause(conn)
-        if events != conn.events:
-            if not conn.events:
-                self.selector.register(conn.sock, events, conn)
-            elif not events:
-                self.selector.unregister(conn.sock)
+        original(self, conn)
+        # the bug: ``len(conn.out) < HIGH_WATER and not conn.decoder.complete`` left out of the read condition
+        if (conn.linger_until is None and not (conn.eof or conn.closing) and not conn.events & selectors.EVENT_READ
+                and self.buffered < self.config.max_output_per_worker):
+            if conn.events:
+                self.selector.modify(conn.sock, conn.events | selectors.EVENT_READ, conn)
             else:
-                self.selector.modify(conn.sock, events, conn)
-            conn.events = events
+                self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.events |= selectors.EVENT_READ
 
     replace(Worker, "update_interest", update_interest)
 
