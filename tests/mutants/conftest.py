@@ -1,40 +1,38 @@
-"""Prints the mutation matrix (variant by scenario module) after the mutation tests ran."""
+"""Prints the mutation matrix (variant by scenario module, with the failing tests) after the mutation tests ran.
+
+With ``FDCLUSTER_MUTANTS_JSON=PATH`` the rows are also written there as JSON,
+which ``update_readme.py`` turns into the README's table.
+"""
 
 from __future__ import annotations
 
-import ast
+import json
+import os
+from typing import Any, Dict
 
-from test_matrix import EXPECTED, MODULES
+from mutant_expectations import JSON_VARIABLE
+from mutant_table import failing_tests, markdown
 
-_rows = {}
+_rows: Dict[str, Dict[str, Any]] = {}
 
 
 def pytest_runtest_logreport(report):
-    if report.when != "call":
+    if report.when != "call" and not (report.when == "setup" and report.skipped):
         return
     for key, value in report.user_properties:
         if key == "mutation_row":
-            row = value if isinstance(value, dict) else ast.literal_eval(value)
-            _rows[row["variant"]] = row["outcome"]
-
-
-def format_matrix(rows) -> str:
-    """Markdown table: FAIL where a module caught the variant (marked * where expected)."""
-    short = [m.replace("test_", "") for m in MODULES]
-    lines = ["| variant | " + " | ".join(short) + " |", "|---" * (len(MODULES) + 1) + "|"]
-    for variant in EXPECTED:
-        if variant not in rows:
-            continue
-        cells = []
-        for module in MODULES:
-            fails, passes = rows[variant][module]
-            mark = "*" if module in EXPECTED[variant] else ""
-            cells.append(f"FAIL{mark} ({fails})" if fails else "pass")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            row = json.loads(value) if isinstance(value, str) else value
+            _rows[row["variant"]] = row
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _rows:
-        terminalreporter.write_sep("=", "mutation matrix (FAIL* = the module meant to catch it)")
-        terminalreporter.write_line(format_matrix(_rows))
+    if not _rows:
+        return
+    terminalreporter.write_sep("=", "mutation matrix (FAIL* = caught by the module meant to catch it; · = not run)")
+    terminalreporter.write_line(markdown(_rows))
+    for line in failing_tests(_rows):
+        terminalreporter.write_line(line)
+    path = os.environ.get(JSON_VARIABLE)
+    if path:
+        with open(path, "w") as out:
+            json.dump(_rows, out, indent=1, sort_keys=True)
