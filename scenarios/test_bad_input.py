@@ -52,7 +52,13 @@ def test_bad_frame_gets_error_frame_and_connection_survives(fdcluster, name):
     with fdcluster.client(ANSWER_TIMEOUT) as bystander, fdcluster.client(ANSWER_TIMEOUT) as client:
         bystander.call("ping", "before")
         client.send_raw(RECOVERABLE[name])
-        reply = client.recv_frame()
+        try:
+            reply = client.recv_frame()
+        except ConnectionClosed:
+            pytest.fail(f"robustness: {name}: the connection was closed instead of answered with an error frame "
+                        f"(workers before: {workers}, now: {fdcluster.workers})")
+        except ClientTimeout:
+            pytest.fail(f"robustness: {name}: no error frame within {ANSWER_TIMEOUT} s (the server hangs)")
         assert isinstance(reply, dict) and reply.get("out") == "error", (
             f"robustness: {name} should get an error frame, got {reply!r}")
         assert client.call("ping", "after") == "after", f"robustness: connection unusable after {name}"

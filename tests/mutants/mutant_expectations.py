@@ -66,10 +66,7 @@ EXPECTED: Dict[str, Expectation] = {
 
 #: Variants the suite detects but does not yet count as caught, with why: their test is a strict xfail, so the
 #: day the owner's failure names its invariant the XPASS fails and the entry must go.
-KNOWN_GAPS: Dict[str, str] = {
-    "dies-on-bad-json": "test_bad_input lets the client's ConnectionClosed escape when the worker dies, so its "
-                        "failure names no invariant (it should fail with 'robustness: ... worker died')",
-}
+KNOWN_GAPS: Dict[str, str] = {}
 
 #: Run against every variant besides its owner's module: cheap tests of plain service, so a mutant that breaks
 #: everything shows, and the CI table has a cell per module family.  Node ids, relative to the project root.
