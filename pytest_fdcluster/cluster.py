@@ -283,10 +283,13 @@ class Cluster:
         if worker is None:
             resumed = []
             for pid in list(self.paused):
+                if not process_alive(pid):  # died while paused (a zombie not yet reaped included)
+                    self.paused.discard(pid)
+                    continue
                 try:
                     resumed.append(self._resume(pid))
                 except ClusterError:
-                    self.paused.discard(pid)  # died while paused: nothing to resume
+                    self.paused.discard(pid)  # reaped between the look and the signal
             return resumed
         # A paused worker is looked up by pid as given: it may no longer count as live.
         pid = worker if isinstance(worker, int) and worker in self.paused else self.worker_pid(worker)
