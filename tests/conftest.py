@@ -1,17 +1,24 @@
 """Prints the mutation matrix (variant by scenario module, with the failing tests) after the mutation tests ran.
 
-With ``FDCLUSTER_MUTANTS_JSON=PATH`` the rows are also written there as JSON,
-which ``update_readme.py`` turns into the README's table.
+Here, not in tests/mutants/, so that the process that prints the summary has
+these hooks whatever it was asked to run: under pytest-xdist the controller
+loads only the conftest files of its arguments and their parents (CI runs
+``pytest -n 2`` over tests/).  With ``FDCLUSTER_MUTANTS_JSON=PATH`` the rows are
+also written there as JSON, which ``update_readme.py`` turns into the README's table.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any, Dict
 
-from mutant_expectations import JSON_VARIABLE
-from mutant_table import failing_tests, markdown
+sys.path.insert(0, str(Path(__file__).resolve().parent / "mutants"))
+
+from mutant_expectations import JSON_VARIABLE  # noqa: E402
+from mutant_table import failing_tests, markdown  # noqa: E402
 
 _rows: Dict[str, Dict[str, Any]] = {}
 
